@@ -1,0 +1,43 @@
+"""CPU demo on the embedded 8x8 digits: train a small teacher, then TRACT 64 -> 8 -> 1 steps.
+
+  python -m tract_jax.main --config=configs/demo.py --workdir=/tmp/tract_demo
+
+Writes PNG grids of the teacher (64 DDIM steps) and of each phase's student (8 steps, 1 step) from
+the same noise into the workdir and prints the teacher-agreement error. Sized for 2 CPU cores.
+"""
+from tract_jax import default_config
+
+
+def get_config():
+  config = default_config.get_config()
+  config.method = 'tract'
+  config.teacher_steps = 64
+  config.time_schedule = '64,8,1'
+  config.batch_size = 64
+  config.train_samples = 2 * 700 * 64   # two phases of 700 steps
+  config.loss_reduction = 'sum'
+  config.checkpoint_every = 500
+  config.log_every = 100
+
+  config.teacher_training.train_steps = 2000
+  config.teacher_training.batch_size = 64
+  config.teacher_training.learning_rate = 1e-3
+  config.teacher_training.warmup_steps = 100
+  config.teacher_training.ema_decay = 0.999
+  config.teacher_training.dropout = 0.0
+
+  config.optimizer.learning_rate = 2e-4
+
+  config.model.ch = 32
+  config.model.emb_ch = 128
+  config.model.ch_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = (4,)
+  config.model.num_heads = 1
+  config.model.out_ch = 1
+  config.model.num_groups = 8
+
+  config.data.name = 'digits'
+  config.data.random_flip = False   # digits are not mirror-symmetric
+  config.eval.num_samples = 64
+  return config

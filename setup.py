@@ -1,0 +1,39 @@
+"""tract_jax: TRACT (Transitive Closure Time-Distillation) of diffusion models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Ranges pinned to what was installed and tested together (Python 3.11, 2026-11):
+# jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8, tensorflow-datasets 4.9.10,
+# ml-collections 1.1.0, chex 0.1.92, numpy 2.4.6, pillow 13.0, tensorboardX 2.6.5, scipy 1.17.1.
+INSTALL_REQUIRES = [
+    'jax>=0.10.2,<0.11',
+    'flax>=0.12.8,<0.13',
+    'optax>=0.2.8,<0.3',
+    'orbax-checkpoint>=0.12.8,<0.13',
+    'tensorflow-datasets>=4.9.10,<4.10',
+    'ml-collections>=1.1.0,<1.2',
+    'chex>=0.1.92,<0.2',
+    'numpy>=2.4,<2.5',
+    'absl-py>=2.1,<3',
+    'pillow>=11,<14',
+    'importlib_resources>=6',  # tfds.data_source needs it without TensorFlow
+    'tensorboardX>=2.6,<2.7',
+    'scipy>=1.13,<2',  # FID matrix square root
+]
+
+setup(
+    name='tract_jax',
+    version='0.1.0',
+    description='TRACT diffusion distillation (and the BTD baseline) in JAX/Flax, TPU/GPU first.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.11',
+    packages=find_packages(include=['tract_jax', 'tract_jax.*']),
+    package_data={'tract_jax.assets': ['*.npz', '*.txt']},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        'test': ['pytest>=8,<10'],
+        'cuda': ['jax[cuda12]>=0.10.2,<0.11'],
+        'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+    },
+    license='Apache-2.0',
+)

@@ -1,0 +1,103 @@
+"""Run by test_parallel.py in a subprocess with 8 simulated CPU devices (XLA_FLAGS must be set before
+JAX starts, so this cannot share the pytest process). Prints one JSON line of results."""
+import json
+import os
+import sys
+import tempfile
+
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+from tract_jax import checkpoints, data, parallel, train  # noqa: E402
+
+MESHES = {'1dev': (1, 1, 1), 'dp8': (8, 1, 8), 'fsdp2x4': (2, 4, 8)}  # data, fsdp, devices used
+FSDP_MIN = 64  # small, so that the tiny model's larger leaves really get sharded
+
+
+def perturbed_params(config):
+  model = train.build_model(config.model)
+  params = train.init_params(model, (8, 8, 1), 0)
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  return jax.tree.unflatten(tree, leaves)
+
+
+def one_step(method, mesh):
+  config = tiny_config(method if method != 'teacher' else 'tract')
+  config.optimizer.eps = 1e-3  # smooth in the gradient: compares sharding, not Adam's sign(g)
+  config.batch_size = 16
+  if method == 'btd':
+    config.time_schedule = '16,8'
+  params = perturbed_params(config)
+  source = data.load_digits()
+  batch = parallel.global_batch(data.StepBatcher(source, 16, 0).batch(0), mesh)
+  if method == 'teacher':
+    model = train.build_model(config.model, dropout=0.0)
+    tx = train.make_optimizer(1e-3, 0, 1.0, eps=1e-3)
+    state, sh = train.create_state(params, tx, 0, mesh, FSDP_MIN)
+    step = train.make_teacher_step(train.make_denoiser(model, 'x'), tx, ema_decay=0.9,
+                                   reduction='mean', time_sampling='continuous', teacher_steps=16,
+                                   random_flip=True, conditional=False, dropout=False, mesh=mesh,
+                                   state_sharding=sh)
+  else:
+    plan = train.validate_config(config)
+    model = train.build_model(config.model)
+    o = config.optimizer
+    tx = train.make_optimizer(o.learning_rate, 0, o.grad_clip, eps=o.eps)
+    state, sh = train.create_state(params, tx, 0, mesh, FSDP_MIN, sema=method == 'tract',
+                                   teacher=params)
+    step = train.make_distill_step(train.make_denoiser(model, 'x'), tx, plan, sema=0.5,
+                                   reduction='sum', clip_x=True, random_flip=False,
+                                   conditional=False, mesh=mesh, state_sharding=sh)
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  sharded = sum(1 for x in jax.tree.leaves(state.params) if not x.sharding.is_fully_replicated)
+  return float(metrics['loss']), jax.tree.map(parallel.to_host, state), sharded, state
+
+
+def main():
+  devices = jax.devices()
+  out = {'num_devices': len(devices)}
+  saved = {}
+  for method in ('teacher', 'tract', 'btd'):
+    ref = None
+    for name, (dp, fsdp, n) in MESHES.items():
+      mesh = parallel.make_mesh(dp, fsdp, devices[:n])
+      loss, host_state, sharded, state = one_step(method, mesh)
+      if ref is None:
+        ref = (loss, host_state)
+        diff = 0.0
+      else:
+        diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))) if a.size else 0.0,
+                                             ref[1].params, host_state.params))
+        diff = max(diffs)
+      out[f'{method}/{name}'] = {'loss': loss, 'loss_ref': ref[0], 'max_param_diff': diff,
+                                 'sharded_leaves': sharded}
+      if method == 'tract':
+        saved[name] = (state, mesh)
+  # Checkpoint cross-restore: 8-device FSDP -> 1 device, and 1 device -> 8-device FSDP.
+  for src, dst in (('fsdp2x4', '1dev'), ('1dev', 'fsdp2x4')):
+    directory = tempfile.mkdtemp()
+    state, _ = saved[src]
+    with checkpoints.StateCheckpoints(directory) as ckpts:
+      ckpts.save(2, state, wait=True)
+    like = saved[dst][0]
+    with checkpoints.StateCheckpoints(directory) as ckpts:
+      restored = ckpts.restore(like)
+    same = all(np.array_equal(parallel.to_host(a), parallel.to_host(b))
+               for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)))
+    shardings_ok = all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(like),
+                                                                jax.tree.leaves(restored)))
+    out[f'restore/{src}->{dst}'] = {'equal': same, 'target_shardings': shardings_ok}
+  print('RESULT ' + json.dumps(out))
+
+
+if __name__ == '__main__':
+  main()

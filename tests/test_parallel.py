@@ -1,0 +1,64 @@
+"""Sharded steps on 8 simulated CPU devices equal the 1-device steps; checkpoints cross-restore."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tract_jax import parallel
+from tract_jax.phases import ConfigError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope='module')
+def results():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, os.path.join(HERE, 'sharding_worker.py')], capture_output=True,
+                        text=True, timeout=900, env=env)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
+  return json.loads(line[len('RESULT '):])
+
+
+@pytest.mark.parametrize('method', ['teacher', 'tract', 'btd'])
+@pytest.mark.parametrize('mesh', ['dp8', 'fsdp2x4'])
+def test_sharded_step_equals_single_device(results, method, mesh):
+  assert results['num_devices'] == 8
+  r = results[f'{method}/{mesh}']
+  assert abs(r['loss'] - r['loss_ref']) <= 1e-5 * max(1.0, abs(r['loss_ref']))
+  assert r['max_param_diff'] < 1e-5
+  if mesh == 'fsdp2x4':
+    assert r['sharded_leaves'] > 0  # the FSDP rule really sharded parameters
+  else:
+    assert r['sharded_leaves'] == 0
+
+
+@pytest.mark.parametrize('direction', ['fsdp2x4->1dev', '1dev->fsdp2x4'])
+def test_checkpoint_cross_restore(results, direction):
+  r = results[f'restore/{direction}']
+  assert r['equal'] and r['target_shardings']
+
+
+def test_mesh_validation_messages():
+  with pytest.raises(ConfigError, match='mesh.fsdp=3'):
+    parallel.make_mesh(-1, 3)
+  with pytest.raises(ConfigError, match='data \\* fsdp must equal'):
+    parallel.make_mesh(2, 1)
+  with pytest.raises(ConfigError, match='batch_size=7'):
+    parallel.check_batch(7, _fake_mesh(2))
+
+
+def _fake_mesh(n):
+  class M:
+    shape = {'data': n, 'fsdp': 1}
+  return M()
+
+
+def test_fsdp_rule():
+  from jax.sharding import PartitionSpec as P
+  assert parallel.leaf_spec((3, 3, 64, 128), 4, 1000) == P(None, None, None, 'fsdp')
+  assert parallel.leaf_spec((3, 3, 6, 10), 4, 10) == P()
+  assert parallel.leaf_spec((256,), 4, 1000) == P()  # small leaves stay replicated
+  assert parallel.leaf_spec((1024, 1024), 1, 1) == P()

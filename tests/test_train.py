@@ -1,0 +1,150 @@
+"""The phase loop end to end on a tiny model: teacher training, TRACT and BTD, checkpoints, resume."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from tract_jax import checkpoints, data, phases, train
+
+
+class Interrupt(Exception):
+  pass
+
+
+def _leaves_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope='module')
+def teacher_dir(tmp_path_factory):
+  """A tiny teacher trained once for the module (teacher job, with dropout and EMA)."""
+  workdir = str(tmp_path_factory.mktemp('teacher'))
+  config = tiny_config('teacher')
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_teacher_job_writes_params_and_resumes(teacher_dir, tmp_path):
+  assert os.path.isdir(os.path.join(teacher_dir, 'ema_params'))
+  assert os.path.exists(os.path.join(teacher_dir, 'teacher_16steps.png'))
+  config = tiny_config('teacher')
+  model = train.build_model(config.model)
+  like = train.init_params(model, (8, 8, 1), 0)
+  params = checkpoints.load_params(teacher_dir, like)
+  assert jax.tree.structure(params) == jax.tree.structure(like)
+  assert not _leaves_equal(params, like)  # it trained
+  # Interrupted teacher training resumes to the same EMA as an uninterrupted one.
+  config.checkpoint_every = 2
+  full = train.train_teacher(config, str(tmp_path / 'full'))
+  source = data.load_source(config.data)
+  original = train.make_teacher_step
+
+  def interrupting(*args, **kwargs):
+    step_fn = original(*args, **kwargs)
+
+    def wrapped(state, batch):
+      if int(state.step) == 3:
+        raise Interrupt()
+      return step_fn(state, batch)
+
+    return wrapped
+
+  train.make_teacher_step = interrupting
+  try:
+    with pytest.raises(Interrupt):
+      train.train_teacher(config, str(tmp_path / 'cut'), source)
+  finally:
+    train.make_teacher_step = original
+  resumed = train.train_teacher(config, str(tmp_path / 'cut'), source)
+  assert _leaves_equal(full, resumed)
+
+
+def _run_distill(config, workdir, teacher, interrupt_at=None):
+  plan = train.validate_config(config)
+  original = train.make_distill_step
+
+  def interrupting(*args, **kwargs):
+    step_fn = original(*args, **kwargs)
+
+    def wrapped(state, batch):
+      if interrupt_at is not None and int(state.step) == interrupt_at:
+        raise Interrupt()
+      return step_fn(state, batch)
+
+    return wrapped
+
+  train.make_distill_step = interrupting
+  try:
+    return train.train_distillation(config, workdir, plan, teacher)
+  finally:
+    train.make_distill_step = original
+
+
+@pytest.mark.parametrize('method', ['tract', 'btd'])
+def test_interrupted_run_resumes_to_identical_parameters(teacher_dir, tmp_path, method):
+  config = tiny_config(method, teacher_checkpoint=teacher_dir)
+  if method == 'btd':
+    config.time_schedule = '16,8,4'
+  plan = train.validate_config(config)
+  like = train.init_params(train.build_model(config.model), (8, 8, 1), 0)
+  teacher = checkpoints.load_params(teacher_dir, like)
+
+  full = _run_distill(config, str(tmp_path / 'full'), teacher)
+  assert int(full.step) == plan.total_steps == 12
+  assert int(full.phase) == plan.num_phases - 1
+  # Interrupt mid-phase 1 (step 9, last checkpoint at 8 = 4 * 2) and restart the same job.
+  cut = str(tmp_path / 'cut')
+  with pytest.raises(Interrupt):
+    _run_distill(config, cut, teacher, interrupt_at=9)
+  with checkpoints.StateCheckpoints(os.path.join(cut, 'checkpoints')) as ckpts:
+    assert ckpts.latest_step() == 8
+  resumed = _run_distill(config, cut, teacher)
+  for field in ('params', 'ema_params', 'sema_params', 'teacher_params', 'opt_state', 'step',
+                'phase', 'ema_count', 'sema_count', 'rng'):
+    assert _leaves_equal(getattr(full, field), getattr(resumed, field)), field
+
+  # Each phase's evaluation EMA is kept as a loadable artefact; the last one is the final student.
+  for k in range(plan.num_phases):
+    assert os.path.isdir(os.path.join(cut, f'phase_{k}_ema'))
+    assert os.path.exists(os.path.join(cut, f'phase{k}_student_{plan.schedule[k + 1]}steps.png'))
+  final = checkpoints.load_params(os.path.join(cut, f'phase_{plan.num_phases - 1}_ema'), like)
+  assert _leaves_equal(final, full.ema_params)
+  # Phase change: the teacher of the last phase is the first phase's evaluation EMA.
+  phase0 = checkpoints.load_params(os.path.join(cut, 'phase_0_ema'), like)
+  assert _leaves_equal(phase0, full.teacher_params)
+  assert (full.sema_params is not None) == (method == 'tract')
+
+
+def test_ema_update_is_bias_corrected():
+  ema = {'w': jnp.zeros(3)}
+  count = jnp.int32(0)
+  ema, count = train.ema_update(ema, {'w': jnp.ones(3) * 5}, count, np.log(0.5))
+  np.testing.assert_allclose(ema['w'], 5.0)  # the first update copies
+  ema, count = train.ema_update(ema, {'w': jnp.ones(3) * 8}, count, np.log(0.5))
+  # n = 2: d = (1 - m) / (1 - m^2) = 2/3
+  np.testing.assert_allclose(ema['w'], 5 + (8 - 5) * 2 / 3, rtol=1e-6)
+  # Momentum close to 1 keeps its accuracy: after one phase the start keeps weight ema_residual.
+  m = phases.make_plan('tract', 16, '16,1', 200 * 8, 8, 1e-3).ema_momentum
+  ema, count = {'w': jnp.zeros(())}, jnp.int32(0)
+  ema, count = train.ema_update(ema, {'w': jnp.float32(1.0)}, count, np.log(m))
+  for _ in range(199):
+    ema, count = train.ema_update(ema, {'w': jnp.float32(0.0)}, count, np.log(m))
+  # Weight of the first value after n updates with bias correction: m^(n-1) (1 - m) / (1 - m^n).
+  expected = m ** 199 * (1 - m) / (1 - m ** 200)
+  np.testing.assert_allclose(float(ema['w']), expected, rtol=1e-4)
+
+
+def test_end_to_end_chains_teacher_and_distillation(tmp_path):
+  """The driver trains a teacher, runs every TRACT phase and reports the teacher agreement."""
+  config = tiny_config('tract', train_samples=2 * 2 * 8)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert os.path.isdir(tmp_path / 'teacher' / 'ema_params')
+  assert os.path.exists(tmp_path / 'teacher_16steps.png')
+  assert os.path.exists(tmp_path / 'phase1_student_1steps.png')
+  for key in ('rmse_student_vs_teacher', 'rmse_undistilled_vs_teacher'):
+    assert 0.0 < result[key] < 2.0
+  assert os.path.exists(tmp_path / 'summary.jsonl')

@@ -1,0 +1,33 @@
+"""Evaluation: FID (statistics, Frechet distance, 1/N extrapolation), the FID Inception-v3 network,
+and the offline digits metric.
+
+  fid.py               ActivationStats, stats_from_features, frechet_distance, save/load_stats, fid_vs_n
+  inception.py         FIDInceptionV3 (Flax), InceptionFeatures, load_inception
+  convert_inception.py pytorch-fid .pth -> our .npz (command; PyTorch only there)
+  reference_stats.py   training-set statistics (command)
+  digits_metric.py     DigitsMetric (64-d features of a tiny classifier), teacher_agreement_rmse
+
+The names below are imported lazily (PEP 562): `import tract_jax.evaluation` costs nothing, Flax is
+loaded only with the Inception network, and `python -m tract_jax.evaluation.<module>` runs cleanly.
+"""
+import importlib
+
+_EXPORTS = {
+    'ActivationStats': 'fid', 'FidVsN': 'fid', 'fid_vs_n': 'fid', 'fit_inverse_n': 'fid',
+    'frechet_distance': 'fid', 'load_stats': 'fid', 'save_stats': 'fid',
+    'stats_from_features': 'fid',
+    'FIDInceptionV3': 'inception', 'InceptionFeatures': 'inception', 'load_inception': 'inception',
+    'DigitsMetric': 'digits_metric', 'teacher_agreement_rmse': 'digits_metric',
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  module = _EXPORTS.get(name)
+  if module is None:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  return getattr(importlib.import_module(f'{__name__}.{module}'), name)
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

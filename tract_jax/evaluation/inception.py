@@ -1,0 +1,450 @@
+"""The FID Inception-v3 network in Flax Linen (NHWC), and a jitted, optionally sharded feature function.
+
+This is the TF graph 'inception-2015-12-05' as ported to PyTorch by pytorch-fid (weight file
+pt_inception-2015-12-05-6726825d.pth; convert it with
+`python -m tract_jax.evaluation.convert_inception`).
+It differs from torchvision's Inception-v3 where the TF graph does:
+  - the average pools of the Mixed_5x / Mixed_6x / Mixed_7b blocks exclude the zero padding from the
+    count (count_include_pad=False): `FIDInceptionA`, `FIDInceptionC`, `FIDInceptionE` (pool='avg');
+  - Mixed_7c pools its last branch with a 3x3 MAX pool (`FIDInceptionE`, pool='max');
+  - the classifier has 1008 outputs.
+Every convolution has no bias and is followed by BatchNorm (inference form, eps 1e-3) and a ReLU.
+Module names follow the PyTorch state_dict ('Mixed_5b/branch1x1/conv/kernel', '.../bn/scale', ...).
+
+Features are the 2048-d global average pool ('pool3'). Inputs are images in [-1, 1], quantised to
+uint8 levels (spec section 8), resized to 299x299 with TF1's bilinear resize (align_corners=False,
+half_pixel_centers=False, no antialiasing), which is what the TF graph did; pytorch-fid instead uses
+PyTorch's half-pixel bilinear resize, so features of images that are not already 299x299 differ
+slightly from pytorch-fid's.
+"""
+import functools
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+INPUT_SIZE = 299
+MIN_INPUT_SIZE = 75  # smallest input for which every VALID convolution and pool has an output
+FEATURE_DIM = 2048
+NUM_LOGITS = 1008
+BN_EPS = 1e-3
+
+Padding = Union[str, Sequence[Tuple[int, int]]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# TF1 bilinear resize.
+# ---------------------------------------------------------------------------------------------------
+def _tf1_resize_weights(in_size: int, out_size: int):
+  """Source rows and weights of TF1 ResizeBilinear along one axis (align_corners=False,
+  half_pixel_centers=False): source coordinate = dst * in_size / out_size, no antialiasing.
+
+  Returns:
+    lower (out,) int32, upper (out,) int32 (clamped to in_size - 1), frac (out,) float32.
+  """
+  src = np.arange(out_size, dtype=np.float64) * (in_size / out_size)
+  lower = np.floor(src)
+  frac = (src - lower).astype(np.float32)
+  lower = lower.astype(np.int32)
+  upper = np.minimum(lower + 1, in_size - 1).astype(np.int32)
+  return lower, upper, frac
+
+
+def resize_bilinear_tf1(images, size: Tuple[int, int]):
+  """TF1 `tf.image.resize_bilinear(images, size, align_corners=False)`, explicitly with gather/lerp.
+
+  Interpolates along the width first and then along the height, as TF does, with a + (b - a) * w.
+  The gather indices and weights depend only on the static shapes and are computed on the host.
+
+  Args:
+    images: (B, H, W, C) float array.
+    size: (out_height, out_width).
+
+  Returns:
+    (B, out_height, out_width, C) array of the input's dtype.
+  """
+  _, height, width, _ = images.shape
+  out_h, out_w = size
+  if (height, width) == (out_h, out_w):
+    return images
+  x0, x1, wx = _tf1_resize_weights(width, out_w)
+  y0, y1, wy = _tf1_resize_weights(height, out_h)
+  wx = jnp.asarray(wx, images.dtype)[None, None, :, None]
+  wy = jnp.asarray(wy, images.dtype)[None, :, None, None]
+  left, right = jnp.take(images, x0, axis=2), jnp.take(images, x1, axis=2)
+  rows = left + (right - left) * wx                                   # (B, H, out_w, C)
+  top, bottom = jnp.take(rows, y0, axis=1), jnp.take(rows, y1, axis=1)
+  return top + (bottom - top) * wy                                    # (B, out_h, out_w, C)
+
+
+def quantize_uint8(images):
+  """[-1, 1] -> the nearest of the 256 uint8 levels round((x + 1) * 127.5), mapped back to [-1, 1]."""
+  levels = jnp.clip(jnp.round((images + 1.0) * 127.5), 0.0, 255.0)
+  return levels / 127.5 - 1.0
+
+
+def preprocess(images, size: int = INPUT_SIZE, quantize: bool = True):
+  """Images in [-1, 1] -> the network input.
+
+  Args:
+    images: (B, H, W, C) with C = 3, or C = 1 (repeated to 3 channels); values in [-1, 1].
+    size: output side (299 for the real protocol; smaller sizes, at least 75, only for tests).
+    quantize: snap to uint8 levels first (spec section 8; a no-op on images read from uint8 files).
+
+  Returns:
+    (B, size, size, 3) float32.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f'images must be (B, H, W, 1 or 3), got shape {images.shape}')
+  if images.shape[-1] == 1:
+    images = jnp.repeat(images, 3, axis=-1)
+  if quantize:
+    images = quantize_uint8(images)
+  return resize_bilinear_tf1(images, (size, size))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The network.
+# ---------------------------------------------------------------------------------------------------
+class BasicConv(nn.Module):
+  """Conv (no bias) -> BatchNorm (running statistics, eps 1e-3) -> ReLU; submodules 'conv', 'bn'."""
+  features: int
+  kernel_size: Tuple[int, int]
+  strides: Tuple[int, int] = (1, 1)
+  padding: Padding = 'VALID'
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(self.features, self.kernel_size, self.strides, padding=self.padding,
+                use_bias=False, precision=self.precision, name='conv')(x)
+    x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, name='bn')(x)
+    return nn.relu(x)
+
+
+def _same(kh: int, kw: int):
+  """Explicit 'same' padding of a stride-1 odd kernel, as the PyTorch port writes it."""
+  return ((kh // 2, kh // 2), (kw // 2, kw // 2))
+
+
+def _avg_pool_3x3_same(x):
+  # TF's AvgPool with SAME padding averages over the valid pixels only (count_include_pad=False).
+  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+
+
+def _max_pool_3x3(x, stride: int, padding: Padding = 'VALID'):
+  return nn.max_pool(x, (3, 3), strides=(stride, stride), padding=padding)
+
+
+class FIDInceptionA(nn.Module):
+  """Mixed_5b/c/d: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool(valid count)-1x1 -> 224 + pool_features ch."""
+  pool_features: int
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(BasicConv, precision=self.precision)
+    b1 = conv(64, (1, 1), name='branch1x1')(x)
+    b5 = conv(48, (1, 1), name='branch5x5_1')(x)
+    b5 = conv(64, (5, 5), padding=_same(5, 5), name='branch5x5_2')(b5)
+    b3 = conv(64, (1, 1), name='branch3x3dbl_1')(x)
+    b3 = conv(96, (3, 3), padding=_same(3, 3), name='branch3x3dbl_2')(b3)
+    b3 = conv(96, (3, 3), padding=_same(3, 3), name='branch3x3dbl_3')(b3)
+    bp = conv(self.pool_features, (1, 1), name='branch_pool')(_avg_pool_3x3_same(x))
+    return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+
+
+class InceptionB(nn.Module):
+  """Mixed_6a (grid reduction 35 -> 17): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2 -> 768 ch."""
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(BasicConv, precision=self.precision)
+    b3 = conv(384, (3, 3), strides=(2, 2), name='branch3x3')(x)
+    bd = conv(64, (1, 1), name='branch3x3dbl_1')(x)
+    bd = conv(96, (3, 3), padding=_same(3, 3), name='branch3x3dbl_2')(bd)
+    bd = conv(96, (3, 3), strides=(2, 2), name='branch3x3dbl_3')(bd)
+    return jnp.concatenate([b3, bd, _max_pool_3x3(x, 2)], axis=-1)
+
+
+class FIDInceptionC(nn.Module):
+  """Mixed_6b-e: 1x1 | factorised 7x7 | double factorised 7x7 | avgpool(valid count)-1x1 -> 768 ch."""
+  channels_7x7: int
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(BasicConv, precision=self.precision)
+    c7 = self.channels_7x7
+    b1 = conv(192, (1, 1), name='branch1x1')(x)
+    b7 = conv(c7, (1, 1), name='branch7x7_1')(x)
+    b7 = conv(c7, (1, 7), padding=_same(1, 7), name='branch7x7_2')(b7)
+    b7 = conv(192, (7, 1), padding=_same(7, 1), name='branch7x7_3')(b7)
+    bd = conv(c7, (1, 1), name='branch7x7dbl_1')(x)
+    bd = conv(c7, (7, 1), padding=_same(7, 1), name='branch7x7dbl_2')(bd)
+    bd = conv(c7, (1, 7), padding=_same(1, 7), name='branch7x7dbl_3')(bd)
+    bd = conv(c7, (7, 1), padding=_same(7, 1), name='branch7x7dbl_4')(bd)
+    bd = conv(192, (1, 7), padding=_same(1, 7), name='branch7x7dbl_5')(bd)
+    bp = conv(192, (1, 1), name='branch_pool')(_avg_pool_3x3_same(x))
+    return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+
+
+class InceptionD(nn.Module):
+  """Mixed_7a (grid reduction 17 -> 8): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2 -> 1280 ch."""
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(BasicConv, precision=self.precision)
+    b3 = conv(192, (1, 1), name='branch3x3_1')(x)
+    b3 = conv(320, (3, 3), strides=(2, 2), name='branch3x3_2')(b3)
+    b7 = conv(192, (1, 1), name='branch7x7x3_1')(x)
+    b7 = conv(192, (1, 7), padding=_same(1, 7), name='branch7x7x3_2')(b7)
+    b7 = conv(192, (7, 1), padding=_same(7, 1), name='branch7x7x3_3')(b7)
+    b7 = conv(192, (3, 3), strides=(2, 2), name='branch7x7x3_4')(b7)
+    return jnp.concatenate([b3, b7, _max_pool_3x3(x, 2)], axis=-1)
+
+
+class FIDInceptionE(nn.Module):
+  """Mixed_7b (pool='avg', valid count) and Mixed_7c (pool='max', the TF graph's quirk) -> 2048 ch."""
+  pool: str = 'avg'
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(BasicConv, precision=self.precision)
+    b1 = conv(320, (1, 1), name='branch1x1')(x)
+    b3 = conv(384, (1, 1), name='branch3x3_1')(x)
+    b3 = jnp.concatenate([conv(384, (1, 3), padding=_same(1, 3), name='branch3x3_2a')(b3),
+                          conv(384, (3, 1), padding=_same(3, 1), name='branch3x3_2b')(b3)], axis=-1)
+    bd = conv(448, (1, 1), name='branch3x3dbl_1')(x)
+    bd = conv(384, (3, 3), padding=_same(3, 3), name='branch3x3dbl_2')(bd)
+    bd = jnp.concatenate([conv(384, (1, 3), padding=_same(1, 3), name='branch3x3dbl_3a')(bd),
+                          conv(384, (3, 1), padding=_same(3, 1), name='branch3x3dbl_3b')(bd)], axis=-1)
+    if self.pool == 'avg':
+      pooled = _avg_pool_3x3_same(x)
+    elif self.pool == 'max':
+      pooled = _max_pool_3x3(x, 1, padding=((1, 1), (1, 1)))
+    else:
+      raise ValueError(f"pool={self.pool!r}: allowed values are 'avg', 'max'")
+    bp = conv(192, (1, 1), name='branch_pool')(pooled)
+    return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+
+
+class FIDInceptionV3(nn.Module):
+  """The FID Inception-v3 (pytorch-fid's `fid_inception_v3`, without auxiliary logits).
+
+  Attributes:
+    precision: matmul/conv precision (default HIGHEST: FID features should not depend on TF32/bf16
+      passes of the accelerator).
+  """
+  precision: Any = jax.lax.Precision.HIGHEST
+
+  @nn.compact
+  def __call__(self, x):
+    """Runs the network.
+
+    Args:
+      x: (B, S, S, 3) preprocessed input in [-1, 1] (S = 299 for FID; any S >= 75 runs).
+
+    Returns:
+      {'pool': (B, 2048) pool3 features, 'logits': (B, 1008)}. Under jit, unused outputs cost nothing.
+    """
+    p = self.precision
+    x = BasicConv(32, (3, 3), strides=(2, 2), precision=p, name='Conv2d_1a_3x3')(x)  # 149
+    x = BasicConv(32, (3, 3), precision=p, name='Conv2d_2a_3x3')(x)                    # 147
+    x = BasicConv(64, (3, 3), padding=_same(3, 3), precision=p, name='Conv2d_2b_3x3')(x)
+    x = _max_pool_3x3(x, 2)                                                             # 73
+    x = BasicConv(80, (1, 1), precision=p, name='Conv2d_3b_1x1')(x)
+    x = BasicConv(192, (3, 3), precision=p, name='Conv2d_4a_3x3')(x)                   # 71
+    x = _max_pool_3x3(x, 2)                                                             # 35
+    x = FIDInceptionA(32, precision=p, name='Mixed_5b')(x)                              # 256 ch
+    x = FIDInceptionA(64, precision=p, name='Mixed_5c')(x)                              # 288 ch
+    x = FIDInceptionA(64, precision=p, name='Mixed_5d')(x)
+    x = InceptionB(precision=p, name='Mixed_6a')(x)                                     # 17, 768 ch
+    x = FIDInceptionC(128, precision=p, name='Mixed_6b')(x)
+    x = FIDInceptionC(160, precision=p, name='Mixed_6c')(x)
+    x = FIDInceptionC(160, precision=p, name='Mixed_6d')(x)
+    x = FIDInceptionC(192, precision=p, name='Mixed_6e')(x)
+    x = InceptionD(precision=p, name='Mixed_7a')(x)                                     # 8, 1280 ch
+    x = FIDInceptionE('avg', precision=p, name='Mixed_7b')(x)                           # 2048 ch
+    x = FIDInceptionE('max', precision=p, name='Mixed_7c')(x)
+    pool = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(NUM_LOGITS, precision=p, name='fc')(pool)
+    return {'pool': pool, 'logits': logits}
+
+
+def variable_shapes(size: int = INPUT_SIZE):
+  """The variables tree {'params': ..., 'batch_stats': ...} as ShapeDtypeStructs (nothing computed)."""
+  model = FIDInceptionV3()
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weight files: .npz of flattened 'params/Mixed_5b/branch1x1/conv/kernel' keys.
+# ---------------------------------------------------------------------------------------------------
+def flatten_tree(tree, prefix: str = '') -> dict:
+  """Nested dict -> {'a/b/c': leaf}."""
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}/{key}' if prefix else str(key)
+    if isinstance(value, dict) or hasattr(value, 'items'):
+      flat.update(flatten_tree(value, name))
+    else:
+      flat[name] = value
+  return flat
+
+
+def unflatten_tree(flat: dict) -> dict:
+  """{'a/b/c': leaf} -> nested dict."""
+  tree = {}
+  for name, value in flat.items():
+    *path, last = name.split('/')
+    node = tree
+    for part in path:
+      node = node.setdefault(part, {})
+    node[last] = value
+  return tree
+
+
+def check_variables(variables, size: int = INPUT_SIZE) -> None:
+  """Raises ValueError naming every missing, unexpected or mis-shaped leaf of an Inception tree."""
+  expected = {k: tuple(v.shape) for k, v in flatten_tree(variable_shapes(size)).items()}
+  got = {k: tuple(np.shape(v)) for k, v in flatten_tree(variables).items()}
+  problems = [f'missing {k} {s}' for k, s in expected.items() if k not in got]
+  problems += [f'unexpected {k} {s}' for k, s in got.items() if k not in expected]
+  problems += [f'{k}: shape {got[k]}, expected {s}' for k, s in expected.items()
+               if k in got and got[k] != s]
+  if problems:
+    shown = '\n  '.join(problems[:20])
+    more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
+    raise ValueError(f'Inception weights do not match the network:\n  {shown}{more}')
+
+
+def load_variables(path: str) -> dict:
+  """Reads a converted weight file into {'params': ..., 'batch_stats': ...} of float32 numpy arrays."""
+  with np.load(path) as f:
+    flat = {k: np.asarray(f[k], np.float32) for k in f.files}
+  variables = unflatten_tree(flat)
+  check_variables(variables)
+  return variables
+
+
+def save_variables(path: str, variables) -> None:
+  """Writes a variables tree as an .npz of flattened 'a/b/c' keys (float32)."""
+  np.savez(path, **{k: np.asarray(v, np.float32) for k, v in flatten_tree(variables).items()})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The feature function.
+# ---------------------------------------------------------------------------------------------------
+def _local_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded array (all rows in a single-process run)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  blocks = {}
+  for shard in x.addressable_shards:
+    blocks.setdefault(shard.index[0].start or 0, shard.data)  # replicas over other axes: keep one
+  return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
+
+
+class InceptionFeatures:
+  """Callable: images in [-1, 1] -> (N, 2048) pool3 features, in jitted batches.
+
+  Args:
+    variables: {'params': ..., 'batch_stats': ...} (see `load_variables`).
+    mesh: optional `jax.sharding.Mesh`; each batch is split over all its axes along the leading
+      (batch) dimension (NamedSharding(mesh, P(mesh.axis_names))), the weights are replicated.
+      Default: one device.
+    batch_size: global batch of one jitted call; the last batch is zero-padded, so only one shape is
+      compiled. With a mesh it must be divisible by the mesh size (and by the process count).
+    size: network input side; 299 is the FID protocol, smaller (>= 75) is only for fast tests.
+    quantize: snap inputs to uint8 levels first (spec section 8).
+    precision: conv/matmul precision (default HIGHEST).
+
+  In a multi-process run each process passes its own images (the same count on every process) and
+  gets its own rows back.
+  """
+
+  def __init__(self, variables, mesh: Optional[Mesh] = None, batch_size: int = 200,
+               size: int = INPUT_SIZE, quantize: bool = True, precision=jax.lax.Precision.HIGHEST):
+    if size < MIN_INPUT_SIZE:
+      raise ValueError(f'size={size}: the network needs inputs of at least {MIN_INPUT_SIZE} pixels')
+    self.mesh = mesh
+    self.size = size
+    self.batch_size = batch_size
+    model = FIDInceptionV3(precision=precision)
+
+    def features(variables, images):
+      return model.apply(variables, preprocess(images, size, quantize))['pool']
+
+    if mesh is None:
+      self.batch_sharding = None
+      self.local_batch = batch_size
+      self._variables = jax.device_put(variables)
+      self._fn = jax.jit(features)
+    else:
+      shards = mesh.size
+      if batch_size % shards or batch_size % jax.process_count():
+        raise ValueError(f'batch_size={batch_size}: must be divisible by the {shards} devices of the '
+                         f'mesh and the {jax.process_count()} processes')
+      self.batch_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+      replicated = NamedSharding(mesh, P())
+      self.local_batch = batch_size // jax.process_count()
+      self._variables = jax.device_put(variables, replicated)
+      self._fn = jax.jit(features, in_shardings=(replicated, self.batch_sharding),
+                         out_shardings=self.batch_sharding)
+
+  def _run(self, chunk: np.ndarray):
+    if self.batch_sharding is None:
+      return self._fn(self._variables, chunk)
+    return self._fn(self._variables,
+                    jax.make_array_from_process_local_data(self.batch_sharding, chunk))
+
+  def __call__(self, images) -> np.ndarray:
+    """Features of a set of images.
+
+    Args:
+      images: (N, H, W, C) in [-1, 1], C in {1, 3}, H and W anything (resized to `size`).
+
+    Returns:
+      (N, 2048) float32 numpy array.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim == 4 and images.shape[-1] == 1:
+      images = np.repeat(images, 3, axis=-1)  # here rather than in jit: one compiled shape for both
+    n = len(images)
+    if n == 0:
+      return np.zeros((0, FEATURE_DIM), np.float32)
+    out = []
+    for start in range(0, n, self.local_batch):
+      chunk = images[start:start + self.local_batch]
+      pad = self.local_batch - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad,) + images.shape[1:], np.float32)])
+      out.append(_local_rows(self._run(chunk))[:self.local_batch - pad])
+    return np.concatenate(out)[:n]
+
+  def stats(self, batches):
+    """Accumulates features of an iterable of (B, H, W, C) image batches into an `ActivationStats`."""
+    from tract_jax.evaluation.fid import ActivationStats
+    acc = ActivationStats(FEATURE_DIM)
+    for batch in batches:
+      acc.update(self(batch))
+    return acc
+
+
+def load_inception(path: str, mesh: Optional[Mesh] = None, **kwargs) -> InceptionFeatures:
+  """`InceptionFeatures` from a converted weight file (see convert_inception.py).
+
+  Args:
+    path: .npz written by `python -m tract_jax.evaluation.convert_inception`.
+    mesh: optional mesh to shard batches over.
+    **kwargs: passed to `InceptionFeatures` (batch_size, size, quantize, precision).
+  """
+  return InceptionFeatures(load_variables(path), mesh=mesh, **kwargs)

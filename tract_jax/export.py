@@ -1,0 +1,275 @@
+"""Student export: evaluation-EMA parameters -> a plain Flax msgpack (or npz) file plus a JSON sidecar.
+
+  python -m tract_jax.export --params=~/tract_runs/cifar10_tract \
+      --config=configs/cifar10_tract.py --output=cifar10_tract_1step.msgpack
+
+--params takes a params checkpoint (workdir/phase_<k>_ema: the S_{k+1}-step student of phase k; a
+teacher's ema_params), a teacher workdir (its ema_params/) or a distillation workdir (its last
+phase_<k>_ema). The step count to sample with follows from the phase and the config's schedule;
+--steps overrides it (and is needed for a checkpoint directory of any other name).
+
+The parameters are written as flax.serialization.msgpack_serialize of the nested dict (module names
+as in the published teachers: 'conv_in', 'down_0.block_1', ...), or, for a .npz output, as one array
+per leaf under '/'-joined keys ('down_0.block_1/conv1/kernel'). The sidecar (same name, .json) holds
+the model configuration, mean_type, the number of sampling steps, the log-SNR schedule (formula,
+constants and the values on the sampling grid) and the sampler, so that the file can be sampled
+without this project's training code. `load_exported(path)` reads both back.
+"""
+import json
+import os
+import re
+import sys
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from tract_jax.phases import ConfigError
+
+FORMAT = 'tract_jax.export/1'
+EXTENSIONS = ('.msgpack', '.npz')
+_PHASE_DIR = re.compile(r'^phase_(\d+)_ema$')
+
+
+def sidecar_path(path: str) -> str:
+  """student.msgpack -> student.json."""
+  return os.path.splitext(path)[0] + '.json'
+
+
+def _phase_dirs(workdir: str) -> Dict[int, str]:
+  out = {}
+  for name in os.listdir(workdir):
+    m = _PHASE_DIR.match(name)
+    if m and os.path.isdir(os.path.join(workdir, name)):
+      out[int(m.group(1))] = os.path.join(workdir, name)
+  return out
+
+
+def resolve_student(path: str, config, steps: int = 0) -> Tuple[str, int, str]:
+  """(checkpoint directory, sampling steps, description) for --params / --steps.
+
+  The step count comes from, in order: `steps` if > 0; phase k's student S_{k+1} of the config's
+  schedule for a phase_<k>_ema directory; teacher_steps for a teacher's ema_params.
+  """
+  from tract_jax import phases
+
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise ConfigError(f'params={path!r}: no such directory')
+  kind, phase = 'checkpoint', None
+  if os.path.isdir(os.path.join(path, 'ema_params')):       # a teacher job's workdir
+    path, kind = os.path.join(path, 'ema_params'), 'teacher'
+  elif _phase_dirs(path):                                   # a distillation workdir: its last phase
+    phase = max(_phase_dirs(path))
+    path, kind = _phase_dirs(path)[phase], 'student'
+  else:
+    m = _PHASE_DIR.match(os.path.basename(path))
+    if m:
+      phase, kind = int(m.group(1)), 'student'
+    elif os.path.basename(path) == 'ema_params':
+      kind = 'teacher'
+
+  if steps and steps > 0:
+    return path, int(steps), f'{kind} (--steps={steps})'
+  if kind == 'teacher':
+    return path, int(config.teacher_steps), 'teacher'
+  if kind == 'student':
+    if config.method not in ('tract', 'btd'):
+      raise ConfigError(f'params={path!r} is a distillation phase but method={config.method!r}: '
+                        'give the distillation config, or --steps')
+    plan = phases.make_plan(config.method, config.teacher_steps, config.time_schedule,
+                            config.train_samples, config.batch_size, config.ema_residual)
+    if phase >= plan.num_phases:
+      raise ConfigError(f'params={path!r}: phase {phase}, but time_schedule '
+                        f'{",".join(map(str, plan.schedule))} has {plan.num_phases} phase(s): is '
+                        '--config the run\'s config?')
+    return path, plan.student_steps(phase), f'phase {phase} student of {plan.method} ' + \
+        ','.join(map(str, plan.schedule))
+  raise ConfigError(f'params={path!r}: cannot tell how many steps this model samples with (not a '
+                    'phase_<k>_ema or ema_params directory): pass --steps')
+
+
+def logsnr_grid(num_steps: int) -> Dict[str, Any]:
+  """The cosine log-SNR schedule (spec section 1) and its values at t = i / num_steps, i = 0..N."""
+  from tract_jax import diffusion
+  a, b, _ = diffusion.cosine_constants()
+  t = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+  logsnr = -2.0 * np.log(np.tan(a * t + b))
+  return {
+      'type': 'cosine',
+      'logsnr_min': diffusion.LOGSNR_MIN,
+      'logsnr_max': diffusion.LOGSNR_MAX,
+      'formula': 'logsnr(t) = -2 log(tan(a t + b)), b = arctan(exp(-logsnr_max / 2)), '
+                 'a = arctan(exp(-logsnr_min / 2)) - b; alpha^2 = sigmoid(logsnr), '
+                 'sigma^2 = sigmoid(-logsnr)',
+      'a': a,
+      'b': b,
+      'grid_t': t.tolist(),
+      'grid_logsnr': logsnr.tolist(),
+  }
+
+
+def _metadata(config, num_steps: int, num_params: int, description: str, params_file: str,
+              params_format: str) -> Dict[str, Any]:
+  from tract_jax import import_teacher
+  model = json.loads(config.model.to_json_best_effort())
+  return {
+      'format': FORMAT,
+      'params_file': params_file,
+      'params_format': params_format,
+      'model': model,
+      'architecture': 'UNet of the published JAX/Flax diffusion-distillation teachers '
+                      '(tract_jax.models.unet.UNet); NHWC; parameter names as in those teachers',
+      'network_inputs': 'x (B, H, W, C) in NHWC, logsnr (B,) float32, labels (B,) int when '
+                        'num_classes > 0 (one-hot inside); the network embeds '
+                        '1000 * arctan(exp(-logsnr / 2)) / (pi / 2)',
+      'image_shape': list(import_teacher.image_shape(config)),
+      'image_range': [-1.0, 1.0],
+      'num_classes': int(config.model.num_classes),
+      'mean_type': config.model.mean_type,
+      'mean_type_note': "'x': output is x_hat; 'both': channels [:C] x head, [C:] eps head, "
+                        'x_hat = sigma^2 * x_head + alpha^2 * (z - sigma * eps_head) / alpha; '
+                        "'eps': x_hat = (z - sigma * eps) / alpha; 'v': x_hat = alpha * z - sigma * v",
+      'sample_steps': int(num_steps),
+      'teacher_steps': int(config.teacher_steps),
+      'clip_x': bool(config.clip_x),
+      'sampler': 'DDIM from z ~ N(0, I) at t = 1: for i = N..1, t = i / N, s = (i - 1) / N: '
+                 'x_hat = network prediction (clipped to [-1, 1] if clip_x), '
+                 'eps_hat = (z - alpha_t x_hat) / sigma_t, z = alpha_s x_hat + sigma_s eps_hat; '
+                 'the sample is z at t = 0 (= x_hat of the last step)',
+      'logsnr_schedule': logsnr_grid(num_steps),
+      'num_params': int(num_params),
+      'method': config.method,
+      'time_schedule': config.time_schedule,
+      'source': description,
+  }
+
+
+def _flatten(tree, prefix=()):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, prefix + (str(key),)))
+    else:
+      out['/'.join(prefix + (str(key),))] = value
+  return out
+
+
+def _unflatten(flat):
+  tree: Dict[str, Any] = {}
+  for key, value in flat.items():
+    *path, last = key.split('/')
+    node = tree
+    for p in path:
+      node = node.setdefault(p, {})
+    node[last] = value
+  return tree
+
+
+def export_params(params_dir: str, config, output: str, steps: int = 0) -> Dict[str, Any]:
+  """Loads the checkpoint (checked against config.model), writes `output` and its sidecar JSON.
+
+  Returns the metadata written to the sidecar.
+  """
+  import jax
+  from flax import serialization
+  from tract_jax import checkpoints, import_teacher
+  from tract_jax.models.unet import count_params
+
+  ext = os.path.splitext(output)[1].lower()
+  if ext not in EXTENSIONS:
+    raise ConfigError(f'output={output!r}: the file name must end in .msgpack or .npz')
+  path, num_steps, description = resolve_student(params_dir, config, steps)
+  like = import_teacher.abstract_params(config)
+  params = checkpoints.load_params(path, like, field='params')
+  params = _to_plain_dict(jax.tree.map(np.asarray, jax.device_get(params)))
+  _check_shapes(params, like, path)
+  output = os.path.abspath(os.path.expanduser(output))
+  os.makedirs(os.path.dirname(output), exist_ok=True)
+  if ext == '.msgpack':
+    with open(output, 'wb') as f:
+      f.write(serialization.msgpack_serialize(params))
+  else:
+    np.savez(output, **_flatten(params))
+  meta = _metadata(config, num_steps, count_params(params), f'{description}: {path}',
+                   os.path.basename(output), ext[1:])
+  with open(sidecar_path(output), 'w') as f:
+    json.dump(meta, f, indent=2)
+  return meta
+
+
+def _check_shapes(params, like, path: str) -> None:
+  """Orbax restores a checkpoint saved from numpy arrays with its stored shapes whatever the target
+  says, so the restored leaves are compared with the configured model here."""
+  got, want = _flatten(params), _flatten(_to_plain_dict(like))
+  wrong = [f'{k} {np.shape(got[k])} (expected {tuple(want[k].shape)})' for k in want
+           if k in got and np.shape(got[k]) != tuple(want[k].shape)]
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  if wrong or missing or unexpected:
+    parts = [f'{len(v)} {kind}: {", ".join(v[:8])}' + (' ...' if len(v) > 8 else '')
+             for kind, v in (('wrongly shaped', wrong), ('missing', missing),
+                             ('unexpected', unexpected)) if v]
+    raise ConfigError(f'params={path!r}: the checkpoint does not match the configured model '
+                      f'({"; ".join(parts)})')
+
+
+def _to_plain_dict(tree):
+  """Nested mappings (dict, FrozenDict) -> nested plain dicts, as msgpack_serialize expects."""
+  if hasattr(tree, 'items'):
+    return {str(k): _to_plain_dict(v) for k, v in tree.items()}
+  return tree
+
+
+def load_exported(path: str) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+  """(params, meta) of an exported file: nested dicts of numpy arrays and the sidecar (None if absent)."""
+  from flax import serialization
+
+  path = os.path.expanduser(path)
+  ext = os.path.splitext(path)[1].lower()
+  if ext == '.msgpack':
+    with open(path, 'rb') as f:
+      params = serialization.msgpack_restore(f.read())
+  elif ext == '.npz':
+    with np.load(path) as data:
+      params = _unflatten({k: data[k] for k in data.files})
+  else:
+    raise ConfigError(f'{path!r}: expected a .msgpack or .npz file')
+  meta = None
+  if os.path.exists(sidecar_path(path)):
+    with open(sidecar_path(path)) as f:
+      meta = json.load(f)
+  return params, meta
+
+
+def _define_flags():
+  """Flags are defined only when run as a program (no clash with tract_jax.main's --config)."""
+  from absl import flags
+  from ml_collections import config_flags
+  flags.DEFINE_string('params', None, 'Params checkpoint (phase_<k>_ema, ema_params) or workdir.')
+  config_flags.DEFINE_config_file('config', None, 'The run\'s configuration file (configs/*.py).',
+                                  lock_config=True)
+  flags.DEFINE_string('output', None, 'File to write: .msgpack or .npz (sidecar: same name .json).')
+  flags.DEFINE_integer('steps', 0, 'Sampling steps to record (0: from the phase and the schedule).')
+  flags.mark_flags_as_required(['params', 'config', 'output'])
+
+
+def main(argv):
+  from absl import app, flags, logging
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  FLAGS = flags.FLAGS
+  try:
+    meta = export_params(FLAGS.params, FLAGS.config, FLAGS.output, FLAGS.steps)
+  except ConfigError as e:
+    print(f'Export error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'Exported {meta["source"]} -> {FLAGS.output} ({meta["num_params"]:,} parameters, '
+        f'{meta["sample_steps"]}-step DDIM, mean_type {meta["mean_type"]!r}); metadata: '
+        f'{sidecar_path(FLAGS.output)}')
+
+
+if __name__ == '__main__':
+  from absl import app as _app
+  _define_flags()
+  _app.run(main)

@@ -1,0 +1,138 @@
+"""Device mesh, shardings and the global batch (jax.jit + Mesh/NamedSharding; no pmap).
+
+The mesh has two axes: 'data' (data parallelism) and 'fsdp' (parameters sharded over devices, for
+models that do not fit replicated). The batch is split over both axes together, so every device holds
+B / num_devices examples whatever the split; a parameter leaf is sharded over 'fsdp' along its
+largest dimension that divides evenly, when it has at least `fsdp_min_size` elements. With
+fsdp = 1 everything is replicated and XLA inserts the gradient all-reduce.
+"""
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tract_jax.phases import ConfigError
+
+BATCH_AXES = ('data', 'fsdp')
+
+
+def maybe_initialize_distributed(config) -> None:
+  """jax.distributed.initialize() when the config or the environment says the job is multi-host.
+
+  'auto' initialises when a coordinator is named in the environment (JAX_COORDINATOR_ADDRESS, as set
+  by launch/*.sh) or when running on a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several
+  hosts); 'always' and 'never' force it.
+  """
+  mode = config.get('distributed', 'auto')
+  if mode not in ('auto', 'always', 'never'):
+    raise ConfigError(f"distributed={mode!r}: allowed values are 'auto', 'always', 'never'")
+  if mode == 'never':
+    return
+  tpu_hosts = [h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]
+  if mode == 'always' or os.environ.get('JAX_COORDINATOR_ADDRESS') or len(tpu_hosts) > 1:
+    if not jax.distributed.is_initialized():
+      # jax reads only the coordinator address from the environment; on GPU hosts the process
+      # count and index come from JAX_NUM_PROCESSES / JAX_PROCESS_ID (set by launch/gpu.sh).
+      kwargs = {}
+      if os.environ.get('JAX_NUM_PROCESSES'):
+        kwargs['num_processes'] = int(os.environ['JAX_NUM_PROCESSES'])
+      if os.environ.get('JAX_PROCESS_ID'):
+        kwargs['process_id'] = int(os.environ['JAX_PROCESS_ID'])
+      jax.distributed.initialize(**kwargs)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+  """A ('data', 'fsdp') mesh over all devices; data = -1 takes what fsdp leaves."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if fsdp < 1 or n % fsdp:
+    raise ConfigError(f'mesh.fsdp={fsdp}: must be a positive divisor of the {n} devices present')
+  if data == -1:
+    data = n // fsdp
+  if data < 1 or data * fsdp != n:
+    raise ConfigError(f'mesh.data={data}, mesh.fsdp={fsdp}: data * fsdp must equal the {n} devices '
+                      'present (use mesh.data=-1 to fill)')
+  return Mesh(np.asarray(devices).reshape(data, fsdp), ('data', 'fsdp'))
+
+
+def mesh_from_config(config) -> Mesh:
+  mesh_config = config.get('mesh')
+  if mesh_config is None:
+    return make_mesh()
+  return make_mesh(int(mesh_config.data), int(mesh_config.fsdp))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every device."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  return mesh.shape['data'] * mesh.shape['fsdp']
+
+
+def leaf_spec(shape, fsdp: int, min_size: int) -> P:
+  """FSDP rule: shard the largest dimension divisible by fsdp, for leaves of at least min_size."""
+  if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  order = sorted(range(len(shape)), key=lambda d: -shape[d])
+  for d in order:
+    if shape[d] % fsdp == 0:
+      spec = [None] * len(shape)
+      spec[d] = 'fsdp'
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(tree, mesh: Mesh, fsdp_min_size: int = 2**18):
+  """NamedShardings for every leaf of a pytree of arrays or ShapeDtypeStructs."""
+  fsdp = mesh.shape['fsdp']
+  return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), fsdp, fsdp_min_size)),
+                      tree)
+
+
+def check_batch(global_batch: int, mesh: Mesh, field: str = 'batch_size') -> None:
+  shards = num_batch_shards(mesh)
+  if global_batch % shards:
+    raise ConfigError(f'{field}={global_batch}: must be divisible by the {shards} devices of the '
+                      f'mesh (data={mesh.shape["data"]} x fsdp={mesh.shape["fsdp"]})')
+  if global_batch % jax.process_count():
+    raise ConfigError(f'{field}={global_batch}: must be divisible by the {jax.process_count()} '
+                      'processes')
+
+
+def global_batch(local_batch, mesh: Mesh):
+  """Host-local numpy batch dict -> global jax.Arrays sharded over the batch axis.
+
+  Each process passes the rows it read (its slice of the global batch, see data.StepBatcher).
+  """
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-host sharded) array as one numpy array on every host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def describe(mesh: Mesh) -> str:
+  return (f'mesh data={mesh.shape["data"]} x fsdp={mesh.shape["fsdp"]} over {mesh.size} '
+          f'{jax.devices()[0].platform} device(s), {jax.process_count()} process(es)')
+
+
+def maybe_fsdp_note(mesh: Mesh, tree, min_size: int) -> Optional[str]:
+  if mesh.shape['fsdp'] == 1:
+    return None
+  shards = tree_shardings(tree, mesh, min_size)
+  n = sum(1 for s in jax.tree.leaves(shards) if s.spec != P())
+  return f'FSDP: {n} of {len(jax.tree.leaves(tree))} parameter leaves sharded over {mesh.shape["fsdp"]} devices'
