@@ -40,4 +40,6 @@ def get_config():
   config.data.name = 'digits'
   config.data.random_flip = False   # digits are not mirror-symmetric
   config.eval.num_samples = 64
+  config.eval.metrics = ('agreement', 'digits_fid')
+  config.eval_every = 350
   return config

@@ -23,6 +23,7 @@ FSDP_MIN = 64  # small, so that the tiny model's larger leaves really get sharde
 def perturbed_params(config):
   model = train.build_model(config.model)
   params = train.init_params(model, (8, 8, 1), 0)
+  # (tiny_config's shapes are used throughout; ch_mult=(1,) keeps compiles short)
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
@@ -33,6 +34,8 @@ def one_step(method, mesh):
   config = tiny_config(method if method != 'teacher' else 'tract')
   config.optimizer.eps = 1e-3  # smooth in the gradient: compares sharding, not Adam's sign(g)
   config.batch_size = 16
+  config.model.ch_mult = (1,)  # one level: the fewest ops that still exercise every block type
+  config.model.attn_resolutions = (8,)
   if method == 'btd':
     config.time_schedule = '16,8'
   params = perturbed_params(config)

@@ -8,10 +8,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(tmp_path, *overrides, config='configs/demo.py'):
+EIGHT_DEVICES = '--xla_force_host_platform_device_count=8'
+
+
+def run_main(tmp_path, *overrides, config='configs/demo.py', xla_flags=''):
   cmd = [sys.executable, '-m', 'tract_jax.main', f'--config={config}', f'--workdir={tmp_path}',
          *overrides]
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags)
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -24,9 +27,17 @@ def run_main(tmp_path, *overrides, config='configs/demo.py'):
     ('--config.teacher_checkpoint=/nonexistent/teacher', 'teacher_checkpoint='),
     ('--config.loss_reduction=max', "loss_reduction='max'"),
     ('--config.model.ch_mult=(1,2,2,2,2)', 'side is divisible by 16'),
+    ('--config.nonfinite=ignore', "nonfinite='ignore': allowed values are 'stop', 'skip'"),
+    ("--config.eval.metrics=('fid',)", "eval.inception_weights='': 'fid' in eval.metrics needs"),
+    ('--config.mesh.fsdp=3', 'mesh.fsdp=3: must be a positive divisor of the 8 devices'),
+    ('--config.mesh.data=4', 'data * fsdp must equal the 8 devices'),
+    ('--config.batch_size=60', 'batch_size=60: must be divisible by the 8 devices'),
+    ('--config.ema_reset=sometimes', "ema_reset='sometimes'"),
+    ('--config.train_samples=10', 'train_samples=10: too small for 2 phases'),
 ])
 def test_bad_config_fails_at_start_with_one_line(tmp_path, override, expected):
-  result = run_main(tmp_path, override)
+  # Eight simulated devices, so that the mesh and batch checks have something to check against.
+  result = run_main(tmp_path, override, xla_flags=EIGHT_DEVICES)
   assert result.returncode == 2, result.stderr[-2000:]
   lines = [l for l in result.stderr.splitlines() if l.startswith('Configuration error')]
   assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]

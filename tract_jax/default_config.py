@@ -82,4 +82,12 @@ def get_config():
   config.eval = ml_collections.ConfigDict()
   config.eval.num_samples = 64     # samples in each grid (fixed noise, shared by teacher and students)
   config.eval.sample_batch = 64
+  config.eval.metrics = ('agreement',)  # of 'agreement', 'digits_fid' (embedded digits), 'fid'
+  config.eval.fid_samples = 50_000       # the paper's FID@50k
+  config.eval.inception_weights = ''     # converted FID Inception weights (.npz), see README
+  config.eval.reference_stats = ''       # training-set statistics (.npz) from reference_stats
+  config.eval.params = ''                # mode=evaluate/sample: params checkpoint ('' = the workdir's)
+  config.eval.steps = 0                  # mode=evaluate/sample: sampling steps (0 = the student's)
+  config.eval.output = ''                # mode=sample: .npz path ('' = DIR/samples_<steps>steps.npz)
+  config.eval_every = 0                  # steps between in-loop evaluations (0 = phase ends only)
   return config

@@ -18,11 +18,13 @@ import numpy as np
 import optax
 
 from tract_jax import checkpoints, data, diffusion, methods, parallel, phases, sampling, writers
+from tract_jax.evaluation.digits_metric import teacher_agreement_rmse
 from tract_jax.models.unet import UNet
 from tract_jax.phases import ConfigError
 
 METHODS = ('teacher', 'tract', 'btd')
-MODES = ('train',)
+MODES = ('train', 'evaluate', 'sample')
+METRICS = ('agreement', 'digits_fid', 'fid')
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -37,6 +39,7 @@ def validate_config(config):
   """Checks the fields; returns the phase plan (None for the teacher job)."""
   _choice('method', config.method, METHODS)
   _choice('mode', config.mode, MODES)
+  _choice('data.name', config.data.name, data.DATASETS)
   _choice('loss_reduction', config.loss_reduction, methods.REDUCTIONS)
   _choice('teacher_training.loss_reduction', config.teacher_training.loss_reduction,
           methods.REDUCTIONS)
@@ -44,9 +47,20 @@ def validate_config(config):
           ('continuous', 'grid'))
   _choice('ema_reset', config.ema_reset, ('none', 'phase'))
   _choice('nonfinite', config.nonfinite, ('stop', 'skip'))
+  for metric in config.eval.metrics:
+    _choice('eval.metrics entry', metric, METRICS)
+  if 'digits_fid' in config.eval.metrics and config.data.name != 'digits':
+    raise ConfigError(f"eval.metrics: 'digits_fid' scores the embedded digits only, not "
+                      f'data.name={config.data.name!r}')
+  if 'fid' in config.eval.metrics:
+    for field in ('inception_weights', 'reference_stats'):
+      if not config.eval[field] or not os.path.exists(os.path.expanduser(config.eval[field])):
+        raise ConfigError(f"eval.{field}={config.eval[field]!r}: 'fid' in eval.metrics needs this "
+                          'file (see README, "FID protocol")')
+  if config.eval_every < 0:
+    raise ConfigError(f'eval_every={config.eval_every}: must be >= 0 (0 = only at phase ends)')
   _choice('model.mean_type', config.model.mean_type, diffusion.MEAN_TYPES)
   _choice('model.conv_impl', config.model.conv_impl, ('xla', 'im2col'))
-  _choice('data.name', config.data.name, data.DATASETS)
   if not 0.0 <= config.sema < 1.0:
     raise ConfigError(f'sema={config.sema}: must be in [0, 1)')
   if not 0.0 < config.teacher_training.ema_decay < 1.0:
@@ -300,6 +314,13 @@ class Evaluator:
     else:
       self.labels = None
     self.batch = config.eval.sample_batch
+    self.metrics = tuple(config.eval.metrics)
+    self.seed = config.seed
+    self.num_classes = config.model.num_classes
+    self.fid_samples = config.eval.fid_samples
+    self.inception_weights = config.eval.inception_weights
+    self.reference_stats = config.eval.reference_stats
+    self.reference = None  # the teacher's T-step samples, once computed
 
   def samples(self, params, num_steps: int) -> np.ndarray:
     out = []
@@ -310,27 +331,61 @@ class Evaluator:
       out.append(parallel.to_host(self.sample(params, noise, num_steps, labels)))
     return np.concatenate(out)
 
+  def score(self, params, num_steps: int, reference=None) -> dict:
+    """The configured metrics of `num_steps`-step samples (quantised to uint8 levels, like the paper).
+
+    'agreement': RMSE against the teacher's T-step samples from the same noise (`reference`);
+    'digits_fid': FID in the embedded digits' feature space (offline); 'fid': Inception FID against
+    the reference statistics, on eval.fid_samples samples.
+    """
+    images = self.samples(params, num_steps)
+    out = {}
+    if 'agreement' in self.metrics and reference is not None:
+      out['rmse_vs_teacher'] = teacher_agreement_rmse(images, reference)
+    if 'digits_fid' in self.metrics:
+      from tract_jax.evaluation.digits_metric import DigitsMetric
+      self._digits = getattr(self, '_digits', None) or DigitsMetric()
+      out['digits_fid'] = self._digits.fid(images)
+    if 'fid' in self.metrics:
+      out[f'fid{self.fid_samples // 1000}k'] = self.inception_fid(params, num_steps)
+    return out, images
+
+  def inception_fid(self, params, num_steps: int) -> float:
+    from tract_jax.evaluation import fid, inception
+    if getattr(self, '_inception', None) is None:
+      self._inception = inception.load_inception(self.inception_weights, mesh=self.mesh)
+      self._reference_stats = fid.load_stats(self.reference_stats)
+    stats = fid.ActivationStats()
+    key = jax.random.PRNGKey(self.seed + 2_000_003)
+    sharding = parallel.batch_sharding(self.mesh)
+    for i in range(0, self.fid_samples, self.batch):
+      k = jax.random.fold_in(key, i)
+      noise = jax.random.normal(k, (self.batch,) + self.noise.shape[1:], jnp.float32)
+      labels = (jax.random.randint(jax.random.fold_in(k, 1), (self.batch,), 0, self.num_classes)
+                if self.num_classes else None)
+      images = parallel.to_host(self.sample(params, jax.device_put(noise, sharding), num_steps,
+                                            None if labels is None else jax.device_put(labels, sharding)))
+      stats.update(np.asarray(self._inception(images[:self.fid_samples - i])))
+    mu, sigma, _ = stats.finalize()
+    mu_ref, sigma_ref, _ = self._reference_stats
+    return fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+
   def teacher_reference(self, teacher_params, teacher_steps: int) -> np.ndarray:
     """T-step teacher samples from the fixed noise, cached in the workdir."""
     path = os.path.join(self.workdir, f'teacher_samples_{teacher_steps}.npz')
     if os.path.exists(path):
       cached = np.load(path)['images']
       if cached.shape == self.noise.shape:
+        self.reference = cached
         return cached
     images = self.samples(teacher_params, teacher_steps)
+    self.reference = images
     if jax.process_index() == 0:
       tmp = path + '.tmp.npz'
       np.savez(tmp, images=images)
       os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
     save_grid(self.workdir, f'teacher_{teacher_steps}steps.png', images)
     return images
-
-
-def rmse(a, b) -> float:
-  """Teacher-agreement error between two sample sets on the uint8 grid scaled back to [-1, 1]."""
-  qa = writers.to_uint8(a).astype(np.float64) / 127.5 - 1.0
-  qb = writers.to_uint8(b).astype(np.float64) / 127.5 - 1.0
-  return float(np.sqrt(np.mean(np.square(qa - qb))))
 
 
 def save_grid(workdir, name, images):
@@ -457,7 +512,7 @@ def _check_finite(config, state, ckpts, where: str):
 
 
 def run_loop(config, state, step_fn, batcher, mesh, ckpts, writer, total, *, label, scalar_prefix,
-             phase_steps=None, on_phase_end=None, before_step=None):
+             phase_steps=None, on_phase_end=None, before_step=None, on_eval=None):
   """The update loop shared by the teacher and distillation jobs.
 
   Logs every `log_every` steps, saves every `checkpoint_every` steps, at every phase end (every
@@ -479,6 +534,9 @@ def run_loop(config, state, step_fn, batcher, mesh, ckpts, writer, total, *, lab
         writer.scalars(step, {f'{scalar_prefix}/{k}': v for k, v in m.items()})
         print(f'[{label(step, state)}] step {step}/{total} loss {m["loss"]:.4f} '
               f'({progress.line(step)})', flush=True)
+      if (on_eval is not None and config.eval_every and step % config.eval_every == 0
+          and not phase_end):
+        on_eval(step, state)
       if phase_end or step % config.checkpoint_every == 0 or step == total:
         _check_finite(config, state, ckpts, label(step, state))
         if phase_end and on_phase_end is not None:
@@ -518,6 +576,8 @@ def train_distillation(config, workdir: str, plan: phases.PhasePlan, teacher_par
                              jax.process_count())
   writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
   evaluator = Evaluator(config, denoise, source.image_shape, workdir, mesh)
+  if 'agreement' in evaluator.metrics:
+    evaluator.teacher_reference(teacher_params, plan.teacher_steps)  # cached in the workdir
   print(f'{plan.method.upper()}: schedule {",".join(map(str, plan.schedule))}, {plan.num_phases} '
         f'phase(s) of {plan.steps_per_phase} steps, batch {config.batch_size}, evaluation-EMA '
         f'momentum {plan.ema_momentum:.8f}', flush=True)
@@ -534,12 +594,21 @@ def train_distillation(config, workdir: str, plan: phases.PhasePlan, teacher_par
   def on_phase_end(step, state):
     _finish_phase(workdir, plan, int(state.phase), state, evaluator, writer, step)
 
+  def on_eval(step, state):
+    phase = int(state.phase)
+    scores, images = evaluator.score(state.ema_params, plan.student_steps(phase), evaluator.reference)
+    if jax.process_index() == 0:
+      writer.scalars(step, {f'eval/{k}': v for k, v in scores.items()} | {'eval/phase': phase})
+      writer.image(step, f'samples/phase{phase}', images)
+      print(f'  eval at step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in scores.items()),
+            flush=True)
+
   with checkpoints.StateCheckpoints(os.path.join(workdir, 'checkpoints'),
                                     config.keep_checkpoints) as ckpts:
     state = ckpts.restore_or_keep(state, what=plan.method)
     state = run_loop(config, state, step_fn, batcher, mesh, ckpts, writer, plan.total_steps,
                      label=label, scalar_prefix=plan.method, phase_steps=plan.steps_per_phase,
-                     on_phase_end=on_phase_end, before_step=before_step)
+                     on_phase_end=on_phase_end, before_step=before_step, on_eval=on_eval)
   writer.close()
   return state
 
@@ -549,10 +618,14 @@ def _finish_phase(workdir, plan, phase, state, evaluator, writer, step):
   student_steps = plan.student_steps(phase)
   # Every process takes part in a (possibly sharded) save.
   checkpoints.save_params(os.path.join(workdir, f'phase_{phase}_ema'), state.ema_params)
-  images = evaluator.samples(state.ema_params, student_steps)
+  scores, images = evaluator.score(state.ema_params, student_steps, evaluator.reference)
   if jax.process_index() == 0:
     save_grid(workdir, f'phase{phase}_student_{student_steps}steps.png', images)
     writer.image(step, f'samples/phase{phase}_{student_steps}steps', images)
+    writer.scalars(step, {f'eval/{k}': v for k, v in scores.items()} | {
+        'eval/phase': phase, 'eval/student_steps': student_steps, 'eval/phase_end': 1})
+    print(f'  phase {phase} student ({student_steps} steps): '
+          + ', '.join(f'{k} {v:.4f}' for k, v in scores.items()), flush=True)
 
 
 def teacher_agreement(workdir, plan, teacher_params, student_params, evaluator):
@@ -565,10 +638,16 @@ def teacher_agreement(workdir, plan, teacher_params, student_params, evaluator):
   if jax.process_index() == 0:
     save_grid(workdir, f'teacher_{final_steps}steps.png', undistilled)
   result = {'student_steps': final_steps,
-            'rmse_student_vs_teacher': rmse(student, reference),
-            'rmse_undistilled_vs_teacher': rmse(undistilled, reference)}
+            'rmse_student_vs_teacher': teacher_agreement_rmse(student, reference),
+            'rmse_undistilled_vs_teacher': teacher_agreement_rmse(undistilled, reference)}
   result['ratio'] = result['rmse_student_vs_teacher'] / max(result['rmse_undistilled_vs_teacher'],
                                                             1e-12)
+  if 'digits_fid' in evaluator.metrics:
+    from tract_jax.evaluation.digits_metric import DigitsMetric
+    metric = DigitsMetric()
+    result['digits_fid_teacher'] = metric.fid(reference)
+    result['digits_fid_student'] = metric.fid(student)
+    result['digits_fid_undistilled'] = metric.fid(undistilled)
   return result
 
 
@@ -619,6 +698,56 @@ def protect_workdir(config, workdir):
         os.remove(path)
 
 
+def _latest_params(workdir, plan):
+  """(path, sampling steps) of the newest trained parameters in a workdir."""
+  import glob
+  import re
+  phases_done = sorted(int(re.search(r'phase_(\d+)_ema$', p).group(1))
+                       for p in glob.glob(os.path.join(workdir, 'phase_*_ema')))
+  if phases_done and plan is not None:
+    k = phases_done[-1]
+    return os.path.join(workdir, f'phase_{k}_ema'), plan.student_steps(k)
+  for path in (os.path.join(workdir, 'ema_params'), os.path.join(workdir, 'teacher', 'ema_params')):
+    if os.path.isdir(path):
+      return path, None
+  raise ConfigError(f'workdir={workdir!r}: no trained parameters found (phase_<k>_ema/ or '
+                    'ema_params/); set eval.params')
+
+
+def evaluate_or_sample(config, workdir, plan, source, mesh):
+  """mode=evaluate: the configured metrics of saved parameters; mode=sample: N samples to .npz+PNG."""
+  model = build_model(config.model)
+  like = init_params(model, source.image_shape, config.seed)
+  if config.eval.params:
+    path, steps = config.eval.params, None
+  else:
+    path, steps = _latest_params(workdir, plan)
+  steps = config.eval.steps or steps or config.teacher_steps
+  params = checkpoints.load_params(path, like, field='eval.params')
+  evaluator = Evaluator(config, make_denoiser(model, config.model.mean_type), source.image_shape,
+                        workdir, mesh)
+  if config.mode == 'sample':
+    images = evaluator.samples(params, steps)
+    out = config.eval.output or os.path.join(workdir, f'samples_{steps}steps.npz')
+    if jax.process_index() == 0:
+      labels = {} if evaluator.labels is None else {'labels': evaluator.labels}
+      np.savez(out, images=writers.to_uint8(images), **labels)
+      save_grid(os.path.dirname(os.path.abspath(out)), os.path.basename(out)[:-4] + '.png', images)
+    print(f'Wrote {len(images)} samples ({steps} steps) from {path} to {out}', flush=True)
+    return {'samples': out, 'steps': steps}
+  reference_path = os.path.join(workdir, f'teacher_samples_{config.teacher_steps}.npz')
+  reference = np.load(reference_path)['images'] if os.path.exists(reference_path) else None
+  scores, _ = evaluator.score(params, steps, reference)
+  result = {'params': os.path.abspath(path), 'steps': steps, **scores}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f'eval_{steps}steps.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  print(f'Evaluation of {path} at {steps} step(s): '
+        + (', '.join(f'{k} {v:.4f}' for k, v in scores.items()) or 'no metric applies '
+           '(agreement needs the teacher samples of a distillation workdir)'), flush=True)
+  return result
+
+
 def train_and_evaluate(config, workdir: str):
   """The whole job the config describes: (teacher training), every distillation phase, evaluation."""
   start = time.time()
@@ -637,6 +766,9 @@ def train_and_evaluate(config, workdir: str):
     with open(tmp, 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
     os.replace(tmp, os.path.join(workdir, 'config.json'))
+
+  if config.mode != 'train':
+    return evaluate_or_sample(config, workdir, plan, source, mesh)
 
   if config.method == 'teacher':
     ema = train_teacher(config, workdir, source, mesh)
@@ -667,5 +799,10 @@ def train_and_evaluate(config, workdir: str):
         f'{plan.teacher_steps}-step teacher, same noise): student {result["rmse_student_vs_teacher"]:.4f}, '
         f'undistilled teacher {result["rmse_undistilled_vs_teacher"]:.4f} '
         f'(ratio {result["ratio"]:.2f})', flush=True)
+  if 'digits_fid_student' in result:
+    print(f'Offline digits FID ({len(evaluator.noise)} samples): teacher at {plan.teacher_steps} steps '
+          f'{result["digits_fid_teacher"]:.2f}, student at {result["student_steps"]} step(s) '
+          f'{result["digits_fid_student"]:.2f}, undistilled teacher at {result["student_steps"]} '
+          f'step(s) {result["digits_fid_undistilled"]:.2f}', flush=True)
   print(f'Done in {result["wall_time_s"]:.0f}s', flush=True)
   return result

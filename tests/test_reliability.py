@@ -1,0 +1,200 @@
+"""Runs that survive: kills, signals, corrupt checkpoints, non-finite losses, reused workdirs."""
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import tiny_config
+from tract_jax import checkpoints, data, train
+from tract_jax.phases import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL = 12  # distillation steps of tests/tiny_job.py
+
+
+def start_job(workdir):
+  cmd = [sys.executable, '-m', 'tract_jax.main', '--config=tests/tiny_job.py', f'--workdir={workdir}']
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1'))
+
+
+def run_job(workdir, timeout=300):
+  proc = start_job(workdir)
+  out, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, out
+
+
+def final_state(workdir):
+  """Every array of the last train state and of the final student artefact, as numpy."""
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(os.path.join(workdir, 'checkpoints', str(TOTAL), 'default'))
+    student = ckptr.restore(os.path.join(workdir, 'phase_1_ema'))
+  return [np.asarray(x) for x in jax.tree.leaves(state)] + [np.asarray(x) for x in jax.tree.leaves(student)]
+
+
+def latest_step(workdir):
+  steps = [int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, 'checkpoints', '*'))
+           if os.path.basename(p).isdigit()]
+  return max(steps) if steps else None
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  code, out = run_job(workdir)
+  assert code == 0, out[-3000:]
+  return final_state(workdir)
+
+
+def _same(a, b):
+  return len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def _event_line(event):
+  """Log line of the event-th update of the job: 6 teacher steps, then 12 distillation steps."""
+  if event <= 6:
+    return lambda line: line.startswith(f'[teacher] step {event}/')
+  return lambda line: line.startswith('[tract phase') and f' step {event - 6}/' in line
+
+
+def test_sigkill_at_three_random_moments_then_resume_exactly(reference, tmp_path):
+  """SIGKILL right after a random update (plus a random delay, so some kills land inside an async
+  checkpoint save) three times; the resumed run ends bit-identical to an uninterrupted one."""
+  seed = int(os.environ.get('TRACT_KILL_SEED', time.time_ns() % 10**6))
+  rng = random.Random(seed)
+  workdir = str(tmp_path)
+  events = sorted(rng.sample(range(1, 18), 3))
+  kills = []
+  for event in events:
+    proc = start_job(workdir)
+    seen = _event_line(event)
+    for line in proc.stdout:
+      if seen(line):
+        time.sleep(rng.uniform(0.0, 0.4))
+        break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kills.append({'after_update': event,
+                  'teacher_ckpt': latest_step(os.path.join(workdir, 'teacher')),
+                  'distill_ckpt': latest_step(workdir)})
+  code, out = run_job(workdir)
+  assert code == 0, out[-3000:]
+  print(f'kill seed {seed}: {kills}')
+  assert _same(final_state(workdir), reference), f'kill seed {seed}, kills {kills}'
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path):
+  workdir = str(tmp_path)
+  proc = start_job(workdir)
+  lines = []
+  for line in proc.stdout:  # wait until distillation runs, then ask it to stop
+    lines.append(line)
+    if line.startswith('[tract phase 0') and 'step 3/' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = ''.join(lines) + proc.stdout.read()
+  proc.wait(timeout=120)
+  assert proc.returncode == 75, out[-3000:]
+  message = [l for l in out.splitlines() if l.startswith('Interrupted: signal 15 at step')]
+  assert message and 're-run the same command to resume' in message[0], out[-2000:]
+  stopped_at = int(message[0].split('at step ')[1].split(':')[0])
+  assert latest_step(workdir) == stopped_at  # saved exactly where it stopped
+  code, out = run_job(workdir)
+  assert code == 0 and f'Resumed tract at step {stopped_at}' in out, out[-3000:]
+  assert _same(final_state(workdir), reference)
+
+
+def _small_state():
+  config = tiny_config()
+  model = train.build_model(config.model)
+  params = train.init_params(model, (8, 8, 1), 0)
+  tx = train.make_optimizer(1e-3)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ('data', 'fsdp'))
+  return train.create_state(params, tx, 0, mesh)[0]
+
+
+def _truncate_largest_file(directory):
+  files = [p for p in glob.glob(os.path.join(directory, '**', '*'), recursive=True) if os.path.isfile(p)]
+  target = max(files, key=os.path.getsize)
+  with open(target, 'r+b') as f:
+    f.truncate(os.path.getsize(target) // 3)
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
+  state = _small_state()
+  directory = str(tmp_path / 'checkpoints')
+  with checkpoints.StateCheckpoints(directory, max_to_keep=3) as ckpts:
+    for step in (2, 4):
+      ckpts.save(step, state.replace(step=state.step + step), wait=True)
+  # A half-written save (interrupted before Orbax's rename) is not a checkpoint at all.
+  os.makedirs(os.path.join(directory, '6.orbax-checkpoint-tmp-1234', 'default'))
+  _truncate_largest_file(os.path.join(directory, '4'))
+  with checkpoints.StateCheckpoints(directory) as ckpts:
+    restored = ckpts.restore_or_keep(state)
+  out = capsys.readouterr().out
+  assert int(restored.step) == 2
+  assert 'checkpoint step 4' in out and 'resuming from step 2 instead' in out
+  # Every checkpoint unreadable: an error, never a silent fresh start.
+  _truncate_largest_file(os.path.join(directory, '2'))
+  with checkpoints.StateCheckpoints(directory) as ckpts:
+    with pytest.raises(checkpoints.CheckpointError, match='none can be restored'):
+      ckpts.restore_or_keep(state)
+
+
+def _nan_at_step(bad_step):
+  original = data.StepBatcher.batch
+
+  def batch(self, step):
+    out = original(self, step)
+    if step == bad_step:
+      out['image'] = out['image'] * np.nan
+    return out
+
+  return original, batch
+
+
+@pytest.mark.parametrize('mode', ['stop', 'skip'])
+def test_non_finite_loss_stops_or_skips_without_writing_nans(tmp_path, monkeypatch, mode):
+  config = tiny_config('teacher', nonfinite=mode, checkpoint_every=2, log_every=100)
+  config.teacher_training.train_steps = 6
+  _, bad = _nan_at_step(3)
+  monkeypatch.setattr(data.StepBatcher, 'batch', bad)
+  workdir = str(tmp_path)
+  if mode == 'stop':
+    with pytest.raises(train.NonFiniteError) as info:
+      train.train_teacher(config, workdir)
+    message = str(info.value)
+    assert 'at step 4 (teacher)' in message and 'last good checkpoint is step 2' in message
+    assert latest_step(workdir) == 2  # nothing was saved after the bad update
+  else:
+    ema = train.train_teacher(config, workdir)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(ema))
+    with ocp.StandardCheckpointer() as ckptr:
+      state = ckptr.restore(os.path.join(workdir, 'checkpoints', '6', 'default'))
+    assert int(state['nonfinite_count']) == 1 and int(state['first_nonfinite']) == 3
+
+
+def test_incompatible_workdir_is_refused_unless_overwrite(tmp_path, capsys):
+  config = tiny_config('teacher')
+  config.teacher_training.train_steps = 2
+  workdir = str(tmp_path)
+  train.train_and_evaluate(config, workdir)
+  # A compatible configuration (other logging) resumes: the teacher is already trained.
+  config.log_every = 1
+  train.train_and_evaluate(config, workdir)
+  assert 'Teacher already trained' in capsys.readouterr().out
+  config.model.ch = 8
+  with pytest.raises(ConfigError, match='another configuration') as info:
+    train.train_and_evaluate(config, workdir)
+  assert 'model' in str(info.value) and 'overwrite=True' in str(info.value)
+  config.overwrite = True
+  train.train_and_evaluate(config, workdir)
+  assert 'deleting the previous run' in capsys.readouterr().out
