@@ -31,7 +31,9 @@ setup(
     package_data={'tract_jax.assets': ['*.npz', '*.txt']},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        'test': ['pytest>=8,<10'],
+        # The notebook test runs notebooks/ with nbclient (tested: nbclient 0.11.0, ipykernel 7.4.0,
+        # nbformat 5.11.1).
+        'test': ['pytest>=8,<10', 'nbclient>=0.10,<0.12', 'ipykernel>=6.29,<8', 'nbformat>=5.10,<6'],
         'cuda': ['jax[cuda12]>=0.10.2,<0.11'],
         'tpu': ['jax[tpu]>=0.10.2,<0.11'],
     },

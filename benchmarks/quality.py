@@ -6,7 +6,7 @@
 One teacher (trained once with the config's teacher_training settings into WORKDIR/teacher, or the
 one given by --teacher: a params checkpoint or a teacher job's workdir) is distilled five ways, each
 with the SAME total number of training samples (--budget, default the config's train_samples: the
-demo's 89,600 = 1,400 steps of batch 64), split equally between its phases:
+demo's 76,800 = 1,200 steps of batch 64), split equally between its phases:
 
   tract 64,8,1    TRACT, two phases, 1-step student   (the demo's schedule)
   tract 64,1      TRACT, one phase, 1-step student

@@ -8,7 +8,8 @@ Measures, on the devices JAX sees (the config's mesh settings):
     with the phase plan of each method, first phase), DDIM sampling at 1, 8 and T steps (one compiled
     sampler; T = config.teacher_steps);
   - compile time of each (lower + compile; the sampler is compiled once for every step count);
-  - ms per step (median of --steps timed calls after one warm-up call; min too) and images/s;
+  - ms per step (median of --steps timed calls after one warm-up call, at most --max_seconds of
+    timing per benchmark; min too) and images/s;
   - FLOPs per call from XLA's cost analysis of the compiled program, times the number of devices
     (the analysis describes one device's share; for the sampler: the number of steps times the cost
     of one network evaluation, since XLA counts a loop body once);
@@ -53,6 +54,8 @@ if __name__ == '__main__':
   flags.DEFINE_integer('steps', 10, 'Timed calls per benchmark (after one warm-up call).')
   flags.DEFINE_string('json', None, 'Write the results to this JSON file.')
   flags.DEFINE_list('what', list(BENCHMARKS), f'Benchmarks to run, any of {",".join(BENCHMARKS)}.')
+  flags.DEFINE_float('max_seconds', 60.0, 'Stop timing a benchmark after this many seconds '
+                     '(at least one timed call): a 1024-step rollout of the paper model is slow.')
   flags.DEFINE_list('sample_steps', None, 'DDIM step counts to time (default: 1,8,T).')
   flags.DEFINE_integer('peak_size', None, 'Side of the peak-matmul operands (default: 2048 on CPU, '
                        '8192 on GPU/TPU).')
@@ -142,14 +145,18 @@ def matmul_peak(size=None, repeats=5):
   return {'size': size, 'dtype': 'float32', 'best_s': best, 'flops_per_s': 2.0 * size ** 3 / best}
 
 
-def time_calls(call, steps):
-  """Runs call() once to warm up, then `steps` times, blocking on each result; returns seconds."""
-  jax.block_until_ready(call())
+def time_calls(call, steps, max_seconds=None, warm_up=True):
+  """Runs call() once to warm up, then up to `steps` times, blocking on each result; stops early
+  (after at least one timed call) once `max_seconds` have been spent timing. Returns seconds."""
+  if warm_up:
+    jax.block_until_ready(call())
   times = []
-  for _ in range(steps):
+  while len(times) < steps:
     start = time.perf_counter()
     jax.block_until_ready(call())
     times.append(time.perf_counter() - start)
+    if max_seconds is not None and sum(times) > max_seconds:
+      break
   return times
 
 
@@ -223,7 +230,7 @@ class StepBench:
 
 
 def run_benchmarks(config, batch, steps, what=BENCHMARKS, sample_steps=None, peak_size=None,
-                   mesh=None, log=print):
+                   mesh=None, max_seconds=None, log=print):
   """Runs the benchmarks; returns the results as a JSON-ready dict."""
   image_shape = import_teacher.image_shape(config)
   train.check_image_shape(config, image_shape)
@@ -268,7 +275,7 @@ def run_benchmarks(config, batch, steps, what=BENCHMARKS, sample_steps=None, pea
     bench = StepBench(config, method, batch, mesh, params, image_shape)
     compile_s = bench.compile()
     flops = scale(cost_flops(bench.compiled), n_devices)
-    times = time_calls(bench.run, steps)
+    times = time_calls(bench.run, steps, max_seconds)
     note = '' if bench.plan is None else 'schedule ' + ','.join(map(str, bench.plan.schedule))
     add_row(f'{method} step', compile_s, times, flops, batch, memory_estimate(bench.compiled), note)
     del bench
@@ -290,7 +297,9 @@ def run_benchmarks(config, batch, steps, what=BENCHMARKS, sample_steps=None, pea
     counts = sample_steps or (1, 8, config.teacher_steps)
     for i, n in enumerate(dict.fromkeys(int(s) for s in counts)):
       n_arr = jnp.int32(n)
-      times = time_calls(lambda: compiled(params, noise, n_arr, labels), steps)
+      # The same program for every count: warmed up by the first count's warm-up call.
+      times = time_calls(lambda: compiled(params, noise, n_arr, labels), steps, max_seconds,
+                         warm_up=i == 0)
       add_row(f'DDIM {n} step{"s" if n > 1 else ""}', compile_s if i == 0 else 0.0, times,
               n * forward_flops if forward_flops else None, batch, memory_estimate(compiled),
               'one compiled sampler for every step count' + (' (compile counted once)' if i else ''))
@@ -328,8 +337,8 @@ def format_table(result):
                f'{peak["size"]} float32 matmul, best of 5) x {result["num_devices"]} device(s); '
                f'{result["peak_memory"]["kind"]}: {result["peak_memory"]["bytes"] / 2**20:,.0f} MiB')
   lines.append(f'{result["platform"]} ({result["device_kind"]}), {result["num_params"]:,} params, '
-               f'images {tuple(result["image_shape"])}, median of {result["timed_calls"]} timed '
-               'calls after a warm-up call')
+               f'images {tuple(result["image_shape"])}, median of up to {result["timed_calls"]} '
+               'timed calls after a warm-up call')
   return '\n'.join(lines)
 
 
@@ -344,7 +353,8 @@ def main(argv):
   batch = FLAGS.batch or config.batch_size
   sample_steps = [int(s) for s in FLAGS.sample_steps] if FLAGS.sample_steps else None
   try:
-    result = run_benchmarks(config, batch, FLAGS.steps, FLAGS.what, sample_steps, FLAGS.peak_size)
+    result = run_benchmarks(config, batch, FLAGS.steps, FLAGS.what, sample_steps, FLAGS.peak_size,
+                            max_seconds=FLAGS.max_seconds)
   except phases.ConfigError as e:
     print(f'Configuration error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -19,14 +19,9 @@ a BTD step runs the UNet forward three times (teacher twice, student) and backwa
 Expected result (paper, spec section 9; progressive distillation): FID 9.12 at 1 step, 4.51 at 2,
 3.00 at 4, 2.57 at 8 (phase_9_ema, phase_8_ema, phase_7_ema, phase_6_ema).
 """
-import importlib.util
-import os
+from tract_jax import default_config
 
-_spec = importlib.util.spec_from_file_location(
-    'cifar10_tract_config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                         'cifar10_tract.py'))
-cifar10_tract = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cifar10_tract)
+cifar10_tract = default_config.sibling(__file__, 'cifar10_tract')
 
 
 def get_config():

@@ -14,14 +14,9 @@ Hardware: as configs/cifar10_tract.py (8 A100/V100 GPUs or a TPU v3-8 / v4-8, ba
 Expected result: the spec lists no FID for this schedule; the paper's two-phase 1024,32,1 run
 reaches FID 3.78 at 1 step (spec section 9), the reference this variant is compared with.
 """
-import importlib.util
-import os
+from tract_jax import default_config
 
-_spec = importlib.util.spec_from_file_location(
-    'cifar10_tract_config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                         'cifar10_tract.py'))
-cifar10_tract = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cifar10_tract)
+cifar10_tract = default_config.sibling(__file__, 'cifar10_tract')
 
 
 def get_config():

@@ -14,12 +14,12 @@ def get_config():
   config.teacher_steps = 64
   config.time_schedule = '64,8,1'
   config.batch_size = 64
-  config.train_samples = 2 * 700 * 64   # two phases of 700 steps
+  config.train_samples = 2 * 600 * 64   # two phases of 600 steps
   config.loss_reduction = 'sum'
   config.checkpoint_every = 500
   config.log_every = 100
 
-  config.teacher_training.train_steps = 2000
+  config.teacher_training.train_steps = 1600
   config.teacher_training.batch_size = 64
   config.teacher_training.learning_rate = 1e-3
   config.teacher_training.warmup_steps = 100
@@ -41,5 +41,5 @@ def get_config():
   config.data.random_flip = False   # digits are not mirror-symmetric
   config.eval.num_samples = 64
   config.eval.metrics = ('agreement', 'digits_fid')
-  config.eval_every = 350
+  config.eval_every = 300
   return config

@@ -6,19 +6,15 @@ phases instead of 2 TRACT phases. Reuse the TRACT demo's teacher instead of trai
   python -m tract_jax.main --config=configs/demo_btd.py --workdir=/tmp/btd_demo \
       --config.teacher_checkpoint=/tmp/tract_demo/teacher
 """
-import importlib.util
-import os
+from tract_jax import default_config
 
-_spec = importlib.util.spec_from_file_location(
-    'tract_demo_config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py'))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+demo = default_config.sibling(__file__, 'demo')
 
 
 def get_config():
   config = demo.get_config()
   config.method = 'btd'
   config.time_schedule = ''                      # derived: 64,32,16,8,4,2,1
-  config.train_samples = 6 * 233 * 64            # ~ the TRACT demo's 1,400 steps of batch 64
+  config.train_samples = 6 * 200 * 64            # the TRACT demo's 1,200 steps of batch 64
   config.clip_x = True                           # BTD clips only when sampling (spec section 2)
   return config

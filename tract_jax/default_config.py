@@ -2,7 +2,20 @@
 
 Usage: python -m tract_jax.main --config=configs/<job>.py --workdir=DIR [--config.field=value ...]
 """
+import importlib.util
+import os
+
 import ml_collections
+
+
+def sibling(config_file: str, name: str):
+  """Loads configs/<name>.py next to `config_file` as a module, so that a job config can start from
+  another one (ml_collections loads config files by path, not as a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name + '.py')
+  spec = importlib.util.spec_from_file_location(f'tract_jax_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def get_config():

@@ -22,6 +22,7 @@ import sys
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+from flax import traverse_util
 
 from tract_jax.phases import ConfigError
 
@@ -144,25 +145,12 @@ def _metadata(config, num_steps: int, num_params: int, description: str, params_
   }
 
 
-def _flatten(tree, prefix=()):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, prefix + (str(key),)))
-    else:
-      out['/'.join(prefix + (str(key),))] = value
-  return out
+def _flatten(tree):
+  return traverse_util.flatten_dict(dict(tree), sep='/')
 
 
 def _unflatten(flat):
-  tree: Dict[str, Any] = {}
-  for key, value in flat.items():
-    *path, last = key.split('/')
-    node = tree
-    for p in path:
-      node = node.setdefault(p, {})
-    node[last] = value
-  return tree
+  return traverse_util.unflatten_dict(dict(flat), sep='/')
 
 
 def export_params(params_dir: str, config, output: str, steps: int = 0) -> Dict[str, Any]:

@@ -384,12 +384,12 @@ class Evaluator:
       tmp = path + '.tmp.npz'
       np.savez(tmp, images=images)
       os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
-    save_grid(self.workdir, f'teacher_{teacher_steps}steps.png', images)
+    save_grid(self.workdir, f'teacher_{teacher_steps}steps.png', images, self.labels)
     return images
 
 
-def save_grid(workdir, name, images):
-  path = writers.save_grid(os.path.join(workdir, name), images)
+def save_grid(workdir, name, images, labels=None):
+  path = writers.save_grid(os.path.join(workdir, name), images, labels=labels)
   print(f'  wrote {path}', flush=True)
   return path
 
@@ -521,11 +521,14 @@ def run_loop(config, state, step_fn, batcher, mesh, ckpts, writer, total, *, lab
   """
   step = int(state.step)
   progress = writers.Progress(step, total)
-  with _SignalFlag() as signals:
+  # A background thread reads the next batches while the device computes.
+  with _SignalFlag() as signals, data.Prefetcher(batcher, step) as batches:
     while step < total:
       if before_step is not None:
         state = before_step(step, state)
-      state, metrics = step_fn(state, parallel.global_batch(batcher.batch(step), mesh))
+      batch_step, batch = batches.next()
+      assert batch_step == step, (batch_step, step)
+      state, metrics = step_fn(state, parallel.global_batch(batch, mesh))
       step += 1
       phase_end = phase_steps is not None and step % phase_steps == 0
       if step % config.log_every == 0 or step == total or phase_end or step == 1:
@@ -620,7 +623,7 @@ def _finish_phase(workdir, plan, phase, state, evaluator, writer, step):
   checkpoints.save_params(os.path.join(workdir, f'phase_{phase}_ema'), state.ema_params)
   scores, images = evaluator.score(state.ema_params, student_steps, evaluator.reference)
   if jax.process_index() == 0:
-    save_grid(workdir, f'phase{phase}_student_{student_steps}steps.png', images)
+    save_grid(workdir, f'phase{phase}_student_{student_steps}steps.png', images, evaluator.labels)
     writer.image(step, f'samples/phase{phase}_{student_steps}steps', images)
     writer.scalars(step, {f'eval/{k}': v for k, v in scores.items()} | {
         'eval/phase': phase, 'eval/student_steps': student_steps, 'eval/phase_end': 1})
@@ -636,7 +639,7 @@ def teacher_agreement(workdir, plan, teacher_params, student_params, evaluator):
   undistilled = evaluator.samples(teacher_params, final_steps)
   student = evaluator.samples(student_params, final_steps)
   if jax.process_index() == 0:
-    save_grid(workdir, f'teacher_{final_steps}steps.png', undistilled)
+    save_grid(workdir, f'teacher_{final_steps}steps.png', undistilled, evaluator.labels)
   result = {'student_steps': final_steps,
             'rmse_student_vs_teacher': teacher_agreement_rmse(student, reference),
             'rmse_undistilled_vs_teacher': teacher_agreement_rmse(undistilled, reference)}
@@ -732,7 +735,8 @@ def evaluate_or_sample(config, workdir, plan, source, mesh):
     if jax.process_index() == 0:
       labels = {} if evaluator.labels is None else {'labels': evaluator.labels}
       np.savez(out, images=writers.to_uint8(images), **labels)
-      save_grid(os.path.dirname(os.path.abspath(out)), os.path.basename(out)[:-4] + '.png', images)
+      save_grid(os.path.dirname(os.path.abspath(out)), os.path.basename(out)[:-4] + '.png', images,
+                evaluator.labels)
     print(f'Wrote {len(images)} samples ({steps} steps) from {path} to {out}', flush=True)
     return {'samples': out, 'steps': steps}
   reference_path = os.path.join(workdir, f'teacher_samples_{config.teacher_steps}.npz')

@@ -31,13 +31,31 @@ def make_grid(images, ncol: Optional[int] = None, pad: int = 1, scale: int = 1) 
   return grid
 
 
-def save_grid(path: str, images, ncol: Optional[int] = None, min_size: int = 256) -> str:
-  """Writes a PNG mosaic; tiny images (8x8 digits) are enlarged with nearest-neighbour pixels."""
-  h = np.asarray(images).shape[1]
-  scale = max(1, min_size // (h * int(math.ceil(math.sqrt(len(images))))))
+def save_grid(path: str, images, ncol: Optional[int] = None, min_size: int = 256,
+              labels=None) -> str:
+  """Writes a PNG mosaic; tiny images (8x8 digits) are enlarged with nearest-neighbour pixels.
+
+  labels: optional (N,) class labels, written in the top-left corner of each cell (class-conditional
+  samples).
+  """
+  n, h = len(images), np.asarray(images).shape[1]
+  ncol = ncol or int(math.ceil(math.sqrt(n)))
+  scale = max(1, min_size // (h * ncol))
   grid = make_grid(images, ncol=ncol, scale=scale)
+  image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  if labels is not None:
+    from PIL import ImageDraw
+    draw = ImageDraw.Draw(image)
+    cell = h * scale + 1
+    for k, label in enumerate(np.asarray(labels).tolist()):
+      r, c = divmod(k, ncol)
+      x, y = 1 + c * cell, 1 + r * cell
+      text = str(label)
+      box = draw.textbbox((x, y), text)
+      draw.rectangle(box, fill=0 if image.mode == 'L' else (0, 0, 0))
+      draw.text((x, y), text, fill=255 if image.mode == 'L' else (255, 255, 0))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  image.save(path)
   return path
 
 

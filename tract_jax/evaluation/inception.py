@@ -21,6 +21,7 @@ import functools
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -288,28 +289,14 @@ def variable_shapes(size: int = INPUT_SIZE):
 # ---------------------------------------------------------------------------------------------------
 # Weight files: .npz of flattened 'params/Mixed_5b/branch1x1/conv/kernel' keys.
 # ---------------------------------------------------------------------------------------------------
-def flatten_tree(tree, prefix: str = '') -> dict:
+def flatten_tree(tree) -> dict:
   """Nested dict -> {'a/b/c': leaf}."""
-  flat = {}
-  for key, value in tree.items():
-    name = f'{prefix}/{key}' if prefix else str(key)
-    if isinstance(value, dict) or hasattr(value, 'items'):
-      flat.update(flatten_tree(value, name))
-    else:
-      flat[name] = value
-  return flat
+  return traverse_util.flatten_dict(dict(tree), sep='/')
 
 
 def unflatten_tree(flat: dict) -> dict:
   """{'a/b/c': leaf} -> nested dict."""
-  tree = {}
-  for name, value in flat.items():
-    *path, last = name.split('/')
-    node = tree
-    for part in path:
-      node = node.setdefault(part, {})
-    node[last] = value
-  return tree
+  return traverse_util.unflatten_dict(dict(flat), sep='/')
 
 
 def check_variables(variables, size: int = INPUT_SIZE) -> None:
