@@ -493,11 +493,12 @@ class _SignalFlag:
       signal.signal(sig, handler)
 
 
-def _check_finite(config, state, ckpts, where: str):
-  """Host-side policy for skipped non-finite updates: 'stop' raises, 'skip' reports and goes on."""
+def _check_finite(config, state, ckpts, where: str, reported: int = 0) -> int:
+  """Host-side policy for skipped non-finite updates: 'stop' raises, 'skip' warns when the count grew
+  past `reported` and goes on. Returns the current count."""
   count = int(state.nonfinite_count)
-  if count == 0:
-    return
+  if count <= reported:
+    return count
   first = int(state.first_nonfinite)
   last_good = ckpts.latest_step()
   good = (f'the last good checkpoint is step {last_good} in {ckpts.directory}' if last_good is not None
@@ -506,9 +507,8 @@ def _check_finite(config, state, ckpts, where: str):
              f'skipped so far, parameters unchanged by them; {good}')
   if config.nonfinite == 'stop':
     raise NonFiniteError(message + ". Set --config.nonfinite=skip to skip such updates and go on.")
-  if not getattr(_check_finite, '_told', {}).get(count):
-    print(f'WARNING: {message}', flush=True)
-    _check_finite._told = {count: True}
+  print(f'WARNING: {message}', flush=True)
+  return count
 
 
 def run_loop(config, state, step_fn, batcher, mesh, ckpts, writer, total, *, label, scalar_prefix,
@@ -521,6 +521,7 @@ def run_loop(config, state, step_fn, batcher, mesh, ckpts, writer, total, *, lab
   """
   step = int(state.step)
   progress = writers.Progress(step, total)
+  reported = 0  # non-finite updates already warned about
   # A background thread reads the next batches while the device computes.
   with _SignalFlag() as signals, data.Prefetcher(batcher, step) as batches:
     while step < total:
@@ -532,7 +533,7 @@ def run_loop(config, state, step_fn, batcher, mesh, ckpts, writer, total, *, lab
       step += 1
       phase_end = phase_steps is not None and step % phase_steps == 0
       if step % config.log_every == 0 or step == total or phase_end or step == 1:
-        _check_finite(config, state, ckpts, label(step, state))
+        reported = _check_finite(config, state, ckpts, label(step, state), reported)
         m = {k: float(v) for k, v in metrics.items()}
         writer.scalars(step, {f'{scalar_prefix}/{k}': v for k, v in m.items()})
         print(f'[{label(step, state)}] step {step}/{total} loss {m["loss"]:.4f} '
@@ -541,12 +542,12 @@ def run_loop(config, state, step_fn, batcher, mesh, ckpts, writer, total, *, lab
           and not phase_end):
         on_eval(step, state)
       if phase_end or step % config.checkpoint_every == 0 or step == total:
-        _check_finite(config, state, ckpts, label(step, state))
+        reported = _check_finite(config, state, ckpts, label(step, state), reported)
         if phase_end and on_phase_end is not None:
           on_phase_end(step, state)  # the phase artefact first, then the resumable state
         ckpts.save(step, state)
       if signals.signum is not None:
-        _check_finite(config, state, ckpts, label(step, state))
+        reported = _check_finite(config, state, ckpts, label(step, state), reported)
         ckpts.save(step, state, wait=True)
         raise Preempted(f'signal {signals.signum} at step {step}: checkpoint saved in '
                         f'{ckpts.directory}; re-run the same command to resume')

@@ -28,6 +28,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from tract_jax import writers
 from tract_jax.evaluation import fid as fid_lib
 
 ASSET = 'digits_features.npz'
@@ -39,8 +40,7 @@ TEST_FRACTION = 0.2
 
 def quantize_uint8(images) -> np.ndarray:
   """[-1, 1] -> round((x + 1) * 127.5) clipped to 0..255, back to [-1, 1]; float64, same shape."""
-  levels = np.clip(np.round((np.asarray(images, np.float64) + 1.0) * 127.5), 0.0, 255.0)
-  return levels / 127.5 - 1.0
+  return writers.to_uint8(images).astype(np.float64) / 127.5 - 1.0
 
 
 def teacher_agreement_rmse(student_images, teacher_images) -> float:
