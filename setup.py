@@ -4,12 +4,19 @@ from setuptools import find_packages, setup
 # Ranges pinned to what was installed and tested together (Python 3.11, 2026-11):
 # jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8, tensorflow-datasets 4.9.10,
 # ml-collections 1.1.0, chex 0.1.92, numpy 2.4.6, pillow 13.0, tensorboardX 2.6.5, scipy 1.17.1.
+# JAX and Flax ranges cover what has run, so an accelerator image keeps its own JAX and CUDA plugin:
+#   CPU (tests, demo): Python 3.11, jax/jaxlib 0.10.2, flax 0.12.8 (the last releases for 3.11);
+#   GPU (one NVIDIA H200): jax 0.11.2 with the image's CUDA plugin, flax 0.12.10, code unchanged.
+#   TPU: not run yet; the tpu extra follows the same range.
+JAX_RANGE = '>=0.10.2,<0.12'
 INSTALL_REQUIRES = [
-    'jax>=0.10.2,<0.11',
+    'jax' + JAX_RANGE,
+    'jaxlib' + JAX_RANGE,
     'flax>=0.12.8,<0.13',
     'optax>=0.2.8,<0.3',
     'orbax-checkpoint>=0.12.8,<0.13',
     'tensorflow-datasets>=4.9.10,<4.10',
+    'grain>=0.2.18,<0.3',
     'ml-collections>=1.1.0,<1.2',
     'chex>=0.1.92,<0.2',
     'numpy>=2.4,<2.5',
@@ -28,14 +35,15 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.11',
     packages=find_packages(include=['tract_jax', 'tract_jax.*']),
-    package_data={'tract_jax.assets': ['*.npz', '*.txt']},
+    package_data={'tract_jax.assets': ['*.npz', '*.txt'],
+                  'tract_jax.evaluation': ['golden/*.npz', 'golden/*.md']},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # The notebook test runs notebooks/ with nbclient (tested: nbclient 0.11.0, ipykernel 7.4.0,
         # nbformat 5.11.1).
         'test': ['pytest>=8,<10', 'nbclient>=0.10,<0.12', 'ipykernel>=6.29,<8', 'nbformat>=5.10,<6'],
-        'cuda': ['jax[cuda12]>=0.10.2,<0.11'],
-        'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+        'cuda': ['jax[cuda12]' + JAX_RANGE],   # the H200 runs used an image with jax 0.11.2 preinstalled
+        'tpu': ['jax[tpu]' + JAX_RANGE],
     },
     license='Apache-2.0',
 )

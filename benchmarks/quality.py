@@ -47,7 +47,10 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tract_jax import checkpoints, data, parallel, phases, train, writers  # noqa: E402
+from tract_jax import checkpoints, config_checks, data, parallel, phases, train, workdir as workdirs, writers  # noqa: E402
+from tract_jax.errors import ConfigError  # noqa: E402
+from tract_jax.evaluator import Evaluator  # noqa: E402
+from tract_jax.models import factory  # noqa: E402
 from tract_jax.evaluation.digits_metric import DigitsMetric, teacher_agreement_rmse  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -82,7 +85,7 @@ def method_specs(teacher_steps: int):
   """[(key, label, method, schedule)] in table order; schedules are tuples of step counts."""
   T = int(teacher_steps)
   if T <= INTERMEDIATE_STEPS or T % INTERMEDIATE_STEPS:
-    raise phases.ConfigError(f'teacher_steps={T}: the quality benchmark distils through '
+    raise ConfigError(f'teacher_steps={T}: the quality benchmark distils through '
                              f'{INTERMEDIATE_STEPS} steps, so it needs a multiple of '
                              f'{INTERMEDIATE_STEPS} above it (e.g. 64)')
   return [
@@ -109,21 +112,20 @@ def make_plans(config, budget: int, keys=None):
   unknown = set(keys or ()) - set(plans)
   if unknown:
     known = [s[0] for s in method_specs(config.teacher_steps)]
-    raise phases.ConfigError(f'--methods: unknown {sorted(unknown)}; known: {", ".join(known)}')
+    raise ConfigError(f'--methods: unknown {sorted(unknown)}; known: {", ".join(known)}')
   return plans
 
 
 def _write_config(config, workdir):
-  """Refuses a run directory written with other settings (train.protect_workdir), records these."""
+  """Refuses a run directory written with other settings (workdir.protect), records these."""
   os.makedirs(workdir, exist_ok=True)
-  train.protect_workdir(config, workdir)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  workdirs.protect(config, workdir)
+  workdirs.record_config(config, workdir)
 
 
 def get_teacher(config, workdir, teacher_path, source, mesh, log=print):
   """(teacher params, where they came from): loaded from teacher_path, or trained in workdir/teacher."""
-  like = train.init_params(train.build_model(config.model), source.image_shape, config.seed)
+  like = factory.abstract_params(factory.build_model(config.model), source.image_shape, mesh)
   if teacher_path:
     log(f'Teacher: {teacher_path}')
     return checkpoints.load_params(teacher_path, like), os.path.abspath(teacher_path)
@@ -199,17 +201,17 @@ def run_quality(config, workdir, *, budget, num_samples, teacher_path=None, keys
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   if config.data.name != 'digits':
-    raise phases.ConfigError(f'data.name={config.data.name!r}: the quality benchmark scores with the '
+    raise ConfigError(f'data.name={config.data.name!r}: the quality benchmark scores with the '
                              "embedded digits' feature network, so it needs 'digits'")
   T = int(config.teacher_steps)
   plans = make_plans(config, budget, keys)
   source = data.load_digits()
-  train.check_image_shape(config, source.image_shape)
+  config_checks.check_image_shape(config, source.image_shape)
   mesh = parallel.mesh_from_config(config)
   parallel.check_batch(config.batch_size, mesh)
   sample_batch = min(num_samples, 256)
   if num_samples % sample_batch or num_samples < 2:
-    raise phases.ConfigError(f'--num_samples={num_samples}: use at most 256 or a multiple of 256')
+    raise ConfigError(f'--num_samples={num_samples}: use at most 256 or a multiple of 256')
   parallel.check_batch(sample_batch, mesh, '--num_samples')
   log(f'{parallel.describe(mesh)}; budget {budget:,} samples per method; {num_samples} samples')
 
@@ -217,8 +219,8 @@ def run_quality(config, workdir, *, budget, num_samples, teacher_path=None, keys
   eval_config = copy.deepcopy(config)
   eval_config.eval.num_samples = num_samples
   eval_config.eval.sample_batch = sample_batch
-  denoise = train.make_denoiser(train.build_model(config.model), config.model.mean_type)
-  evaluator = train.Evaluator(eval_config, denoise, source.image_shape, workdir, mesh)
+  denoise = factory.make_denoiser(factory.build_model(config.model), config.model.mean_type)
+  evaluator = Evaluator(eval_config, denoise, source.image_shape, workdir, mesh)
   metric = DigitsMetric()
 
   rows, grid_sets = [], []
@@ -285,7 +287,7 @@ def main(argv):
   try:
     result = run_quality(config, workdir, budget=budget, num_samples=num_samples,
                          teacher_path=FLAGS.teacher, keys=FLAGS.methods)
-  except phases.ConfigError as e:
+  except ConfigError as e:
     print(f'Configuration error: {e}', file=sys.stderr)
     sys.exit(2)
   print(format_table(result))

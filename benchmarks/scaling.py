@@ -34,7 +34,8 @@ for path in (ROOT, HERE):
 import jax  # noqa: E402
 
 import throughput  # noqa: E402  (benchmarks/throughput.py: StepBench and the timing helpers)
-from tract_jax import import_teacher, parallel, train  # noqa: E402
+from tract_jax import config_checks, import_teacher, parallel  # noqa: E402
+from tract_jax.models import factory  # noqa: E402
 
 FLAGS = flags.FLAGS
 NOTE = ('NOTE: a correctness-of-overhead check, not a speed claim: all simulated devices share the '
@@ -55,9 +56,9 @@ def run_scaling(config, batch, steps, device_counts, log=print):
   """Times the TRACT step of `config`'s model on each device count; returns a JSON-ready dict."""
   available = jax.devices()
   image_shape = import_teacher.image_shape(config)
-  train.check_image_shape(config, image_shape)
-  model = train.build_model(config.model)
-  params = train.init_params(model, image_shape, config.seed)
+  config_checks.check_image_shape(config, image_shape)
+  model = factory.build_model(config.model)
+  params = factory.init_params(model, image_shape, config.seed)
   rows = []
   for n in device_counts:
     if n > len(available):
@@ -66,7 +67,7 @@ def run_scaling(config, batch, steps, device_counts, log=print):
     parallel.check_batch(batch, mesh, '--batch')
     bench = throughput.StepBench(config, 'tract', batch, mesh,
                                  jax.device_put(params, parallel.replicated(mesh)), image_shape)
-    compile_s = bench.compile()
+    compile_s = bench.compile()['compile_s']
     times = throughput.time_calls(bench.run, steps)
     rows.append({'devices': n, 'per_device_batch': batch // n, 'compile_s': compile_s,
                  'ms_per_step': 1e3 * statistics.median(times), 'ms_per_step_min': 1e3 * min(times),

@@ -18,6 +18,10 @@ data-parallel with batch 32 per device; student, Adam moments, both EMAs and the
 8.3 GB per replica in float32. With less memory per device, shard them: --config.mesh.fsdp=8.
 Expected result (paper, spec section 9): FID 7.43 with 1 step; the 2-step figure, 4.97, belongs to a
 run whose schedule ends at 2 steps.
+
+Precision: float32 by default, as the paper ran it; on GPU/TPU we recommend
+--config.model.dtype=bfloat16 (float32 parameters, EMAs, targets and loss), with
+--config.model.remat=blocks if activations do not fit. On CPU keep float32.
 """
 from tract_jax import default_config
 

@@ -5,24 +5,27 @@ import os
 import sys
 import tempfile
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import chex  # noqa: E402
+
+chex.set_n_cpu_devices(8)  # before JAX starts its backend: 8 simulated CPU devices
+
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
-from tract_jax import checkpoints, data, parallel, train  # noqa: E402
+from tract_jax import checkpoints, config_checks, data, parallel, state as state_lib, steps  # noqa: E402
+from tract_jax.models import factory  # noqa: E402
 
 MESHES = {'1dev': (1, 1, 1), 'dp8': (8, 1, 8), 'fsdp2x4': (2, 4, 8)}  # data, fsdp, devices used
 FSDP_MIN = 64  # small, so that the tiny model's larger leaves really get sharded
 
 
 def perturbed_params(config):
-  model = train.build_model(config.model)
-  params = train.init_params(model, (8, 8, 1), 0)
+  model = factory.build_model(config.model)
+  params = factory.init_params(model, (8, 8, 1), 0)
   # (tiny_config's shapes are used throughout; ch_mult=(1,) keeps compiles short)
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
@@ -40,25 +43,25 @@ def one_step(method, mesh):
     config.time_schedule = '16,8'
   params = perturbed_params(config)
   source = data.load_digits()
-  batch = parallel.global_batch(data.StepBatcher(source, 16, 0).batch(0), mesh)
+  batch = parallel.global_batch(source.get(np.arange(16)), mesh)
+  model = factory.build_model(config.model, dropout=0.0)
+  denoise = factory.make_denoiser(model, 'x')
   if method == 'teacher':
-    model = train.build_model(config.model, dropout=0.0)
-    tx = train.make_optimizer(1e-3, 0, 1.0, eps=1e-3)
-    state, sh = train.create_state(params, tx, 0, mesh, FSDP_MIN)
-    step = train.make_teacher_step(train.make_denoiser(model, 'x'), tx, ema_decay=0.9,
-                                   reduction='mean', time_sampling='continuous', teacher_steps=16,
-                                   random_flip=True, conditional=False, dropout=False, mesh=mesh,
-                                   state_sharding=sh)
+    tx = state_lib.make_optimizer(1e-3, 0, 1.0, eps=1e-3)
+    state, sh = state_lib.create_state(params, tx, 0, mesh, FSDP_MIN)
+    loss_fn = steps.teacher_loss_fn(denoise, reduction='mean', time_sampling='continuous',
+                                    teacher_steps=16, conditional=False, dropout=False)
+    step = steps.make_train_step(loss_fn, tx, ema_momentum=0.9, mesh=mesh, state_sharding=sh)
   else:
-    plan = train.validate_config(config)
-    model = train.build_model(config.model)
+    plan = config_checks.validate_config(config)
     o = config.optimizer
-    tx = train.make_optimizer(o.learning_rate, 0, o.grad_clip, eps=o.eps)
-    state, sh = train.create_state(params, tx, 0, mesh, FSDP_MIN, sema=method == 'tract',
-                                   teacher=params)
-    step = train.make_distill_step(train.make_denoiser(model, 'x'), tx, plan, sema=0.5,
-                                   reduction='sum', clip_x=True, random_flip=False,
-                                   conditional=False, mesh=mesh, state_sharding=sh)
+    tx = state_lib.make_optimizer(o.learning_rate, 0, o.grad_clip, eps=o.eps)
+    state, sh = state_lib.create_state(params, tx, 0, mesh, FSDP_MIN, sema=method == 'tract',
+                                       teacher=params)
+    loss_fn = steps.distill_loss_fn(denoise, plan, reduction='sum', clip_x=True, conditional=False)
+    step = steps.make_train_step(loss_fn, tx, ema_momentum=plan.ema_momentum,
+                                 sema_momentum=0.5 if method == 'tract' else None, mesh=mesh,
+                                 state_sharding=sh)
   for _ in range(2):
     state, metrics = step(state, batch)
   sharded = sum(1 for x in jax.tree.leaves(state.params) if not x.sharding.is_fully_replicated)

@@ -11,7 +11,7 @@ from flax import serialization
 
 from conftest import tiny_config
 from tract_jax import checkpoints, export, import_teacher
-from tract_jax.phases import ConfigError
+from tract_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,8 +1,11 @@
-"""tract_jax.evaluation.fid: Frechet distance, streaming statistics, files, 1/N extrapolation."""
+"""tract_jax.evaluation.fid: Frechet distance, streaming statistics, files, KID, 1/N extrapolation."""
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
 
+from tract_jax.errors import ConfigError
 from tract_jax.evaluation import fid
 
 
@@ -76,13 +79,106 @@ def test_activation_stats_over_batches_equal_np_cov():
 def test_save_load_stats_roundtrip(tmp_path):
   rng = np.random.default_rng(2)
   mu, sigma = random_stats(rng, 50, 8)
+  feats = rng.normal(size=(20, 8))
   path = str(tmp_path / 'stats.npz')
-  fid.save_stats(path, mu, sigma, 50)
+  fid.save_stats(path, mu, sigma, 50, resize='torch', dataset='cifar10', split='train',
+                 features=feats, meta={'inception_weights': 'inception_fid.npz'})
   mu2, sigma2, n = fid.load_stats(path)
   np.testing.assert_array_equal(mu2, mu)
   np.testing.assert_array_equal(sigma2, sigma)
   assert n == 50
-  assert sorted(np.load(path).files) == ['mu', 'n', 'sigma']
+  assert sorted(np.load(path).files) == ['features', 'meta', 'mu', 'n', 'sigma']  # no pickles
+  stats = fid.read_stats(path)
+  assert stats.meta == {'format_version': 1, 'resize': 'torch', 'num_images': 50,
+                        'dataset': 'cifar10', 'split': 'train', 'kid_features': 20,
+                        'inception_weights': 'inception_fid.npz'}
+  assert stats.features.dtype == np.float32
+  np.testing.assert_allclose(stats.features, feats, rtol=1e-6)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    fid.load_stats(path, resize='torch')  # same convention: silent
+  with pytest.raises(ValueError, match=r'features must be \(K, 8\)'):
+    fid.save_stats(path, mu, sigma, 50, features=feats[:, :3])
+
+
+def test_stats_of_another_resize_convention_are_refused(tmp_path):
+  rng = np.random.default_rng(3)
+  mu, sigma = random_stats(rng, 30, 4)
+  path = str(tmp_path / 'tf1.npz')
+  fid.save_stats(path, mu, sigma, 30, resize='tf1', dataset='cifar10', split='train')
+  with pytest.raises(ConfigError) as info:
+    fid.load_stats(path, resize='torch')
+  message = str(info.value)
+  assert '\n' not in message
+  assert message.startswith("eval.fid_resize='torch' but the reference statistics ")
+  assert "made with resize='tf1'" in message and '--resize=torch' in message
+  with pytest.raises(ConfigError, match='fid_resize'):
+    fid.check_stats_convention(fid.read_stats(path).meta, 'torch', path)
+  assert fid.load_stats(path, resize='tf1')[2] == 30
+  # An old file (mu, sigma, n only) is accepted with a warning, and has no meta or features.
+  old = str(tmp_path / 'old.npz')
+  np.savez(old, mu=mu, sigma=sigma, n=np.asarray(30))
+  with pytest.warns(UserWarning, match='do not record their resize convention'):
+    mu2, _, n = fid.load_stats(old, resize='torch')
+  np.testing.assert_array_equal(mu2, mu)
+  stats = fid.read_stats(old)
+  assert stats.meta == {} and stats.features is None and stats.n == 30
+  # A file written without a convention records None: also a warning, not an error.
+  unknown = str(tmp_path / 'unknown.npz')
+  fid.save_stats(unknown, mu, sigma, 30)
+  with pytest.warns(UserWarning):
+    fid.load_stats(unknown, resize='tf1')
+
+
+# ---- KID ---------------------------------------------------------------------------------------------
+def mmd2_direct(x, y):
+  """O(m^2) double loops of the unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, in float64."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  m, d = x.shape
+  k = lambda a, b: (float(np.dot(a, b)) / d + 1.0) ** 3
+  xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
+  yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+  xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+  return xx / (m * (m - 1)) + yy / (m * (m - 1)) - 2 * xy / (m * m)
+
+
+def test_kid_matches_direct_formula():
+  rng = np.random.default_rng(4)
+  a = rng.normal(size=(15, 6))
+  b = rng.normal(size=(12, 6)) + 0.3
+  want = mmd2_direct(a[:12], b)
+  np.testing.assert_allclose(fid.polynomial_mmd2_unbiased(a[:12], b), want, rtol=1e-12)
+  # Subsets: each draws rows of a, then rows of b, without replacement from default_rng(seed).
+  mean, std = fid.kid(a, b, num_subsets=5, subset_size=8, seed=7)
+  draws = np.random.default_rng(7)
+  values = []
+  for _ in range(5):
+    rows_a = draws.choice(15, 8, replace=False)
+    rows_b = draws.choice(12, 8, replace=False)
+    values.append(mmd2_direct(a[rows_a], b[rows_b]))
+  np.testing.assert_allclose([mean, std], [np.mean(values), np.std(values)], rtol=1e-10)
+  # The subset size is clipped to the smaller set: with all rows the subsets are the whole sets.
+  mean, std = fid.kid(a[:12], b, num_subsets=3, subset_size=1000)
+  np.testing.assert_allclose(mean, want, rtol=1e-12)
+  assert std < 1e-12
+  assert fid.kid(a, b, num_subsets=4, subset_size=8, seed=1) == fid.kid(a, b, num_subsets=4,
+                                                                           subset_size=8, seed=1)
+  with pytest.raises(ValueError, match='same D'):
+    fid.kid(a, b[:, :5])
+
+
+def test_kid_is_zero_for_one_distribution_and_positive_for_shifted():
+  rng = np.random.default_rng(5)
+  d = 64
+  mix = rng.normal(size=(d, d)) / np.sqrt(d)
+  sample = lambda n, shift=0.0: np.maximum(rng.normal(size=(n, d)) @ mix + 0.5 + shift, 0)
+  same_mean, same_std = fid.kid(sample(2000), sample(2000), num_subsets=20, subset_size=500)
+  shifted_mean, shifted_std = fid.kid(sample(2000), sample(2000, 0.1), num_subsets=20,
+                                      subset_size=500)
+  # Unbiased: about 0, well within the spread over subsets (single estimates can be negative).
+  assert abs(same_mean) < 0.5 * same_std
+  # A shift of 0.1 (features are O(1)) stands out of the spread, and is 20x the same-set value.
+  assert shifted_mean > 3 * shifted_std and shifted_mean > 20 * abs(same_mean)
 
 
 def test_fit_inverse_n_is_exact_on_exact_data():

@@ -15,8 +15,9 @@ import pytest
 from flax import serialization
 
 from conftest import tiny_config
-from tract_jax import checkpoints, import_teacher, train
-from tract_jax.phases import ConfigError
+from tract_jax import checkpoints, import_teacher
+from tract_jax.models import factory
+from tract_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/demo.py (8x8 digits, ch_mult (1, 2), one res block, attention at 4 px) made smaller.
@@ -61,7 +62,7 @@ def published_file(path, ema_params, drift=True):
 
 
 def network_outputs(config, params):
-  model = train.build_model(config.model)
+  model = factory.build_model(config.model)
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((3, 8, 8, 1)), jnp.float32)
   logsnr = jnp.asarray([-5.0, 0.0, 7.0])

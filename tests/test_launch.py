@@ -121,7 +121,7 @@ def test_tpu_remote_commands_work(env, tmp_path):
   subprocess.run(['bash', '-c', lines[3]], check=True, env=remote)  # git ls-files | tar
   shutil.copy(shlex.split(lines[4])[5], home / 'tract_jax_src.tgz')  # what scp does
   subprocess.run(['bash', '-c', remote_command(lines[5])], check=True, env=remote)
-  assert (home / 'tract_jax' / 'tract_jax' / 'data.py').is_file()
+  assert (home / 'tract_jax' / 'tract_jax' / 'data' / 'pipeline.py').is_file()
   assert (home / 'tract_jax' / 'launch' / 'tpu_vm.sh').is_file()
 
   write_script(home / 'tract_venv' / 'bin' / 'python',

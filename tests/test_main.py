@@ -23,7 +23,7 @@ def run_main(tmp_path, *overrides, config='configs/demo.py', xla_flags=''):
     ('--config.time_schedule=64,10,1', "time_schedule='64,10,1': every entry must divide"),
     ('--config.time_schedule=64,8,8,1', 'strictly decreasing'),
     ('--config.model.mean_type=noise', "model.mean_type='noise': allowed values"),
-    ('--config.data.name=mnist', "data.name='mnist': allowed values"),
+    ('--config.data.name=mnist', "data.name='mnist': unknown dataset; allowed"),
     ('--config.teacher_checkpoint=/nonexistent/teacher', 'teacher_checkpoint='),
     ('--config.loss_reduction=max', "loss_reduction='max'"),
     ('--config.model.ch_mult=(1,2,2,2,2)', 'side is divisible by 16'),

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tract_jax import parallel
-from tract_jax.phases import ConfigError
+from tract_jax.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

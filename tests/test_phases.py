@@ -4,7 +4,7 @@ import math
 import pytest
 
 from tract_jax import phases
-from tract_jax.phases import ConfigError
+from tract_jax.errors import ConfigError
 
 
 def test_paper_cifar10_plan():

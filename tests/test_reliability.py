@@ -13,8 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_config
-from tract_jax import checkpoints, data, train
-from tract_jax.phases import ConfigError
+from tract_jax import checkpoints, state as state_lib, steps, train
+from tract_jax.errors import ConfigError, NonFiniteError
+from tract_jax.models import factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 12  # distillation steps of tests/tiny_job.py
@@ -114,11 +115,11 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path):
 
 def _small_state():
   config = tiny_config()
-  model = train.build_model(config.model)
-  params = train.init_params(model, (8, 8, 1), 0)
-  tx = train.make_optimizer(1e-3)
+  model = factory.build_model(config.model)
+  params = factory.init_params(model, (8, 8, 1), 0)
+  tx = state_lib.make_optimizer(1e-3)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ('data', 'fsdp'))
-  return train.create_state(params, tx, 0, mesh)[0]
+  return state_lib.create_state(params, tx, 0, mesh)[0]
 
 
 def _truncate_largest_file(directory):
@@ -149,27 +150,31 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
       ckpts.restore_or_keep(state)
 
 
-def _nan_at_step(bad_step):
-  original = data.StepBatcher.batch
+def nan_batch_at(monkeypatch, bad_step):
+  """Train steps built from now on see a NaN image batch at update `bad_step`."""
+  original = steps.make_train_step
 
-  def batch(self, step):
-    out = original(self, step)
-    if step == bad_step:
-      out['image'] = out['image'] * np.nan
-    return out
+  def make(*args, **kwargs):
+    step_fn = original(*args, **kwargs)
 
-  return original, batch
+    def wrapped(state, batch):
+      if int(state.step) == bad_step:
+        batch = dict(batch, image=batch['image'] * np.nan)
+      return step_fn(state, batch)
+
+    return wrapped
+
+  monkeypatch.setattr(steps, 'make_train_step', make)
 
 
 @pytest.mark.parametrize('mode', ['stop', 'skip'])
 def test_non_finite_loss_stops_or_skips_without_writing_nans(tmp_path, monkeypatch, mode):
   config = tiny_config('teacher', nonfinite=mode, checkpoint_every=2, log_every=100)
   config.teacher_training.train_steps = 6
-  _, bad = _nan_at_step(3)
-  monkeypatch.setattr(data.StepBatcher, 'batch', bad)
+  nan_batch_at(monkeypatch, 3)
   workdir = str(tmp_path)
   if mode == 'stop':
-    with pytest.raises(train.NonFiniteError) as info:
+    with pytest.raises(NonFiniteError) as info:
       train.train_teacher(config, workdir)
     message = str(info.value)
     assert 'at step 4 (teacher)' in message and 'last good checkpoint is step 2' in message

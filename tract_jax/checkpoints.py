@@ -9,12 +9,15 @@ Layout of a workdir:
   teacher/                a teacher trained by the same command (a teacher-job workdir)
 """
 import os
-from typing import Any, Optional
+import re
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
-from tract_jax.phases import ConfigError
+from tract_jax.errors import CheckpointError, ConfigError
+
+_PHASE_DIR = re.compile(r'^phase_(\d+)_ema$')
 
 
 def abstract_like(tree):
@@ -36,6 +39,39 @@ def resolve_params_path(path: str) -> str:
   if os.path.isdir(os.path.join(path, 'ema_params')):
     return os.path.join(path, 'ema_params')
   return path
+
+
+def phase_dirs(workdir: str) -> Dict[int, str]:
+  """{k: workdir/phase_<k>_ema} for every finished phase of a distillation workdir."""
+  if not os.path.isdir(workdir):
+    return {}
+  out = {}
+  for name in os.listdir(workdir):
+    m = _PHASE_DIR.match(name)
+    if m and os.path.isdir(os.path.join(workdir, name)):
+      out[int(m.group(1))] = os.path.join(workdir, name)
+  return out
+
+
+def newest_params(path: str) -> Tuple[str, str, Optional[int]]:
+  """(params checkpoint, kind, phase) for a workdir or a params checkpoint.
+
+  kind is 'student' (phase k's evaluation EMA: the newest phase of a distillation workdir, or a
+  phase_<k>_ema directory), 'teacher' (a teacher job's ema_params, also the teacher/ a distillation
+  job trained) or 'checkpoint' (any other params directory; phase None unless a student).
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  phases_done = phase_dirs(path)
+  if phases_done:
+    k = max(phases_done)
+    return phases_done[k], 'student', k
+  for teacher in (os.path.join(path, 'ema_params'), os.path.join(path, 'teacher', 'ema_params')):
+    if os.path.isdir(teacher):
+      return teacher, 'teacher', None
+  m = _PHASE_DIR.match(os.path.basename(path))
+  if m:
+    return path, 'student', int(m.group(1))
+  return path, 'teacher' if os.path.basename(path) == 'ema_params' else 'checkpoint', None
 
 
 def load_params(path: str, like=None, field: str = 'teacher_checkpoint'):
@@ -63,10 +99,6 @@ def load_params(path: str, like=None, field: str = 'teacher_checkpoint'):
     raise ConfigError(f'{field}={path!r}: the checkpoint does not match the configured model: '
                       + '; '.join(wrong[:10]))
   return restored
-
-
-class CheckpointError(RuntimeError):
-  """Checkpoints exist but none of them can be restored."""
 
 
 class StateCheckpoints:

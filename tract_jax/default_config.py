@@ -21,7 +21,7 @@ def sibling(config_file: str, name: str):
 def get_config():
   config = ml_collections.ConfigDict()
   config.method = 'tract'          # 'teacher', 'tract' or 'btd'
-  config.mode = 'train'            # 'train'
+  config.mode = 'train'            # 'train', 'evaluate' (score saved params) or 'sample' (write samples)
   config.seed = 0
 
   # ---- distillation (spec sections 2-5) ------------------------------------------------------------
@@ -72,12 +72,24 @@ def get_config():
   # im2col path was slower (demo TRACT step 177 ms vs 139 ms), so XLA's convolution is the default.
   config.model.conv_impl = 'xla'
   config.model.mean_type = 'x'     # 'x', 'both', 'eps', 'v'
+  # Computation dtype of the student's convolutions, matmuls and attention: 'float32' or 'bfloat16'
+  # (parameters, optimiser state, EMAs, DDIM arithmetic, targets and loss stay float32; README,
+  # "Mixed precision and speed"). bfloat16 is recommended on GPU/TPU, float32 on CPU.
+  config.model.dtype = 'float32'
+  config.model.teacher_dtype = ''  # teacher and self-teacher forwards; '' = model.dtype
+  config.model.remat = 'none'      # 'none' or 'blocks' (recompute residual/attention blocks)
 
   # ---- data ----------------------------------------------------------------------------------------
   config.data = ml_collections.ConfigDict()
-  config.data.name = 'cifar10'     # 'digits' (embedded, offline), 'cifar10', 'imagenet64'
+  # 'digits' (embedded, offline), 'cifar10', 'imagenet64', 'tfds:NAME' (any prepared TFDS image
+  # dataset; 'label' optional), a directory of .png/.jpg (optionally one sub-folder per class), or
+  # an .npz file with uint8 'images' (N, H, W[, C]) and optional 'labels'.
+  config.data.name = 'cifar10'
   config.data.data_dir = ''        # TFDS data_dir ('' = TFDS default)
-  config.data.random_flip = True
+  config.data.image_size = 0       # > 0: shorter side resized (bicubic) to it, centre crop; 0: as is
+  config.data.random_flip = True   # horizontal flips in the input pipeline, seeded per example
+  config.data.workers = 0          # worker processes for decoding; raise for big TFDS sets (4-8)
+  config.data.prefetch = 2         # batches read ahead of the device step
 
   # ---- devices ------------------------------------------------------------------------------------
   config.mesh = ml_collections.ConfigDict()
@@ -85,6 +97,8 @@ def get_config():
   config.mesh.fsdp = 1             # > 1 shards large parameters (and optimiser state) over devices
   config.mesh.fsdp_min_size = 2**18  # leaves with fewer elements stay replicated
   config.distributed = 'auto'      # jax.distributed.initialize(): 'auto' (multi-host env), 'always', 'never'
+  # JAX's persistent compilation cache (local or gs://; '' = off): a restart loads its compiled steps.
+  config.compilation_cache_dir = '~/.cache/tract_jax/jax_cache'
 
   # ---- checkpoints, evaluation, logging ------------------------------------------------------------
   config.checkpoint_every = 5000   # steps; also saved at every phase end, at the end and on SIGTERM
@@ -95,8 +109,12 @@ def get_config():
   config.eval = ml_collections.ConfigDict()
   config.eval.num_samples = 64     # samples in each grid (fixed noise, shared by teacher and students)
   config.eval.sample_batch = 64
-  config.eval.metrics = ('agreement',)  # of 'agreement', 'digits_fid' (embedded digits), 'fid'
-  config.eval.fid_samples = 50_000       # the paper's FID@50k
+  config.eval.metrics = ('agreement',)  # of 'agreement', 'digits_fid' (embedded digits), 'fid', 'kid'
+  config.eval.fid_samples = 50_000       # the paper's FID@50k ('fid' and 'kid' share these samples)
+  config.eval.fid_resize = 'torch'       # 299x299 resize: 'torch' (paper's code, pytorch-fid) or 'tf1'
+  config.eval.inception_batch = 200      # images per Inception call; divisible by the devices
+  config.eval.kid_subsets = 100          # KID: subsets of the features, mean and std over them
+  config.eval.kid_subset_size = 1000
   config.eval.inception_weights = ''     # converted FID Inception weights (.npz), see README
   config.eval.reference_stats = ''       # training-set statistics (.npz) from reference_stats
   config.eval.params = ''                # mode=evaluate/sample: params checkpoint ('' = the workdir's)

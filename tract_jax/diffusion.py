@@ -17,7 +17,6 @@ broadcast against images.
 import math
 from typing import Tuple
 
-import jax
 import jax.numpy as jnp
 
 LOGSNR_MIN = -20.0
@@ -58,11 +57,6 @@ def logsnr_schedule(t, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSN
   """Cosine log-SNR with clipping: -2 log(tan(a t + b)), in [logsnr_min, logsnr_max] for t in [0, 1]."""
   alpha, sigma = alpha_sigma(t, logsnr_min, logsnr_max)
   return 2.0 * (jnp.log(alpha) - jnp.log(sigma))
-
-
-def alpha_sigma_from_logsnr(logsnr):
-  """alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr), for any schedule."""
-  return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
 
 
 def network_time_input(logsnr):

@@ -17,32 +17,21 @@ without this project's training code. `load_exported(path)` reads both back.
 """
 import json
 import os
-import re
 import sys
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 from flax import traverse_util
 
-from tract_jax.phases import ConfigError
+from tract_jax.errors import ConfigError
 
 FORMAT = 'tract_jax.export/1'
 EXTENSIONS = ('.msgpack', '.npz')
-_PHASE_DIR = re.compile(r'^phase_(\d+)_ema$')
 
 
 def sidecar_path(path: str) -> str:
   """student.msgpack -> student.json."""
   return os.path.splitext(path)[0] + '.json'
-
-
-def _phase_dirs(workdir: str) -> Dict[int, str]:
-  out = {}
-  for name in os.listdir(workdir):
-    m = _PHASE_DIR.match(name)
-    if m and os.path.isdir(os.path.join(workdir, name)):
-      out[int(m.group(1))] = os.path.join(workdir, name)
-  return out
 
 
 def resolve_student(path: str, config, steps: int = 0) -> Tuple[str, int, str]:
@@ -51,24 +40,11 @@ def resolve_student(path: str, config, steps: int = 0) -> Tuple[str, int, str]:
   The step count comes from, in order: `steps` if > 0; phase k's student S_{k+1} of the config's
   schedule for a phase_<k>_ema directory; teacher_steps for a teacher's ema_params.
   """
-  from tract_jax import phases
+  from tract_jax import checkpoints, phases
 
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
+  if not os.path.isdir(os.path.abspath(os.path.expanduser(path))):
     raise ConfigError(f'params={path!r}: no such directory')
-  kind, phase = 'checkpoint', None
-  if os.path.isdir(os.path.join(path, 'ema_params')):       # a teacher job's workdir
-    path, kind = os.path.join(path, 'ema_params'), 'teacher'
-  elif _phase_dirs(path):                                   # a distillation workdir: its last phase
-    phase = max(_phase_dirs(path))
-    path, kind = _phase_dirs(path)[phase], 'student'
-  else:
-    m = _PHASE_DIR.match(os.path.basename(path))
-    if m:
-      phase, kind = int(m.group(1)), 'student'
-    elif os.path.basename(path) == 'ema_params':
-      kind = 'teacher'
-
+  path, kind, phase = checkpoints.newest_params(path)
   if steps and steps > 0:
     return path, int(steps), f'{kind} (--steps={steps})'
   if kind == 'teacher':

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from tract_jax.phases import ConfigError
+from tract_jax.errors import ConfigError
 
 # Image shape (H, W, C) of each dataset name the configs use.
 IMAGE_SHAPES = {
@@ -55,25 +55,14 @@ def image_shape(config) -> Tuple[int, int, int]:
 
 def abstract_params(config, shape=None):
   """The configured UNet's parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing allocated)."""
-  import jax
-  import jax.numpy as jnp
-  from tract_jax import train
+  from tract_jax import config_checks
+  from tract_jax.models import factory
 
   shape = tuple(shape or image_shape(config))
   if (config.model.num_heads is None) == (config.model.head_dim is None):
     raise ConfigError('model.num_heads / model.head_dim: set exactly one of them (the other None)')
-  train.check_image_shape(config, shape)
-  model = train.build_model(config.model)
-  x = jnp.zeros((1,) + shape, jnp.float32)
-  labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-
-  def init(key):
-    return model.init(key, x, jnp.zeros((1,), jnp.float32), labels, train=False)['params']
-
-  try:
-    return jax.eval_shape(init, jax.random.PRNGKey(0))
-  except ValueError as e:  # e.g. channels not divisible by the head count
-    raise ConfigError(f'model: the configured UNet cannot be built ({e})') from None
+  config_checks.check_image_shape(config, shape)
+  return factory.abstract_params(factory.build_model(config.model), shape)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tract_jax.phases import ConfigError
+from tract_jax.errors import CheckpointError, ConfigError, NonFiniteError, Preempted
 
 FLAGS = flags.FLAGS
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: interrupted with the state saved; re-run the same command
@@ -18,16 +18,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  from tract_jax import checkpoints, train  # after flag parsing: importing JAX is slow
+  from tract_jax import train  # after flag parsing: importing JAX is slow
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:
     print(f'Configuration error: {e}', file=sys.stderr)
     sys.exit(2)
-  except train.Preempted as e:
+  except Preempted as e:
     print(f'Interrupted: {e}', file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
-  except (train.NonFiniteError, checkpoints.CheckpointError) as e:
+  except (NonFiniteError, CheckpointError) as e:
     print(f'Error: {e}', file=sys.stderr)
     sys.exit(1)
 

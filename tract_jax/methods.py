@@ -1,7 +1,7 @@
 """One pure loss function per method: teacher denoising, BTD and TRACT (spec sections 3-6).
 
 Every function takes a `denoise(params, z_t, t, labels, dropout_rng=None) -> x_hat` callable (the
-network plus its output reconciliation, built in train.py), parameter trees, a batch of real images
+network plus its output reconciliation, models/factory.py), parameter trees, a batch of real images
 x (B, H, W, C) in [-1, 1] with labels (B,) or None, an RNG key and, for the distillation losses, the
 phase row (teacher step in grid units, student step in grid units, student step count) from
 phases.PhasePlan.phase_table. They return (loss, metrics) and are differentiated w.r.t. `params`.
@@ -9,12 +9,21 @@ phases.PhasePlan.phase_table. They return (loss, metrics) and are differentiated
 Times are built from integer grid indices (t = i / T), so 1/T gaps are exact and the targets are
 evaluated by diffusion.two_step_target_weights, which matches the float64 spec formula.
 """
+import chex
 import jax
 import jax.numpy as jnp
 
 from tract_jax import diffusion
 
 REDUCTIONS = ('sum', 'mean')
+
+
+def _check_batch(x, labels):
+  """Trace-time checks at the boundary every loss shares: NHWC float images, one label each."""
+  chex.assert_rank(x, 4)
+  chex.assert_type(x, float)
+  if labels is not None:
+    chex.assert_shape(labels, (x.shape[0],))
 
 
 def _per_example(sq_err, reduction: str):
@@ -36,6 +45,7 @@ def _weighted_x_loss(x_pred, target, t, reduction):
 def teacher_loss(params, denoise, x, labels, rng, *, reduction='mean', time_sampling='continuous',
                  teacher_steps=1024, dropout=True):
   """Denoising loss: w(t) ||x_hat(z_t, t) - x||^2 with t ~ U(0, 1) or t on the T-grid."""
+  _check_batch(x, labels)
   k_t, k_eps, k_drop = jax.random.split(rng, 3)
   batch = x.shape[0]
   if time_sampling == 'continuous':
@@ -91,17 +101,23 @@ def tract_target(denoise, teacher_params, sema_params, x, eps, labels, i0, i1, i
   w1 = jnp.where(boundary, 1.0, w1)  # what the formula gives too; made exact
   w2 = jnp.where(boundary, 0.0, w2)
   target = diffusion.bcast(w1, x_hat1) * x_hat1 + diffusion.bcast(w2, x_hat2) * x_hat2
+  chex.assert_equal_shape([target, x])
   return z0, t0, jax.lax.stop_gradient(target)
 
 
 def tract_loss(params, denoise, teacher_params, sema_params, x, labels, rng, phase_row, *,
-               teacher_steps, reduction='sum', clip_x=True):
-  """TRACT loss w(t0) ||student(z0, t0) - x*||^2 (spec section 5)."""
+               teacher_steps, reduction='sum', clip_x=True, teacher_denoise=None):
+  """TRACT loss w(t0) ||student(z0, t0) - x*||^2 (spec section 5).
+
+  teacher_denoise: the network the teacher and self-teacher run (e.g. another computation dtype);
+  None = `denoise`.
+  """
+  _check_batch(x, labels)
   k_times, k_eps = jax.random.split(rng)
   i0, i1, i2 = tract_times(k_times, phase_row, x.shape[0])
   eps = jax.random.normal(k_eps, x.shape, x.dtype)
-  z0, t0, target = tract_target(denoise, teacher_params, sema_params, x, eps, labels, i0, i1, i2,
-                                teacher_steps=teacher_steps, clip_x=clip_x)
+  z0, t0, target = tract_target(teacher_denoise or denoise, teacher_params, sema_params, x, eps,
+                                labels, i0, i1, i2, teacher_steps=teacher_steps, clip_x=clip_x)
   x_pred = denoise(params, z0, t0, labels)
   loss = _weighted_x_loss(x_pred, target, t0, reduction)
   return loss, {'loss': loss}
@@ -134,13 +150,14 @@ def btd_target(denoise, teacher_params, x, eps, labels, i0, i1, i2, *, teacher_s
 
 
 def btd_loss(params, denoise, teacher_params, x, labels, rng, phase_row, *, teacher_steps,
-             reduction='sum'):
+             reduction='sum', teacher_denoise=None):
   """BTD (progressive distillation) loss w(t) ||student(z_t, t) - x*||^2 (spec section 4)."""
+  _check_batch(x, labels)
   k_times, k_eps = jax.random.split(rng)
   i0, i1, i2 = btd_times(k_times, phase_row, x.shape[0])
   eps = jax.random.normal(k_eps, x.shape, x.dtype)
-  z0, t0, target = btd_target(denoise, teacher_params, x, eps, labels, i0, i1, i2,
-                              teacher_steps=teacher_steps)
+  z0, t0, target = btd_target(teacher_denoise or denoise, teacher_params, x, eps, labels, i0, i1,
+                              i2, teacher_steps=teacher_steps)
   x_pred = denoise(params, z0, t0, labels)
   loss = _weighted_x_loss(x_pred, target, t0, reduction)
   return loss, {'loss': loss}

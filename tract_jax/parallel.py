@@ -7,13 +7,12 @@ largest dimension that divides evenly, when it has at least `fsdp_min_size` elem
 fsdp = 1 everything is replicated and XLA inserts the gradient all-reduce.
 """
 import os
-from typing import Optional
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tract_jax.phases import ConfigError
+from tract_jax.errors import ConfigError
 
 BATCH_AXES = ('data', 'fsdp')
 
@@ -41,6 +40,17 @@ def maybe_initialize_distributed(config) -> None:
       if os.environ.get('JAX_PROCESS_ID'):
         kwargs['process_id'] = int(os.environ['JAX_PROCESS_ID'])
       jax.distributed.initialize(**kwargs)
+
+
+def use_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` (local or gs://; '' = off), so a
+  restarted or resumed job loads its compiled steps instead of compiling them again. A cache that
+  is already configured (JAX_COMPILATION_CACHE_DIR, or by the caller) takes precedence."""
+  if not directory or jax.config.jax_compilation_cache_dir:
+    return
+  if '://' not in directory:
+    directory = os.path.expanduser(directory)
+  jax.config.update('jax_compilation_cache_dir', directory)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -110,7 +120,7 @@ def check_batch(global_batch: int, mesh: Mesh, field: str = 'batch_size') -> Non
 def global_batch(local_batch, mesh: Mesh):
   """Host-local numpy batch dict -> global jax.Arrays sharded over the batch axis.
 
-  Each process passes the rows it read (its slice of the global batch, see data.StepBatcher).
+  Each process passes the rows it read (its slice of the global batch, see data.make_pipeline).
   """
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
@@ -128,11 +138,3 @@ def to_host(x) -> np.ndarray:
 def describe(mesh: Mesh) -> str:
   return (f'mesh data={mesh.shape["data"]} x fsdp={mesh.shape["fsdp"]} over {mesh.size} '
           f'{jax.devices()[0].platform} device(s), {jax.process_count()} process(es)')
-
-
-def maybe_fsdp_note(mesh: Mesh, tree, min_size: int) -> Optional[str]:
-  if mesh.shape['fsdp'] == 1:
-    return None
-  shards = tree_shardings(tree, mesh, min_size)
-  n = sum(1 for s in jax.tree.leaves(shards) if s.spec != P())
-  return f'FSDP: {n} of {len(jax.tree.leaves(tree))} parameter leaves sharded over {mesh.shape["fsdp"]} devices'

@@ -10,9 +10,7 @@ from typing import Tuple
 
 import numpy as np
 
-
-class ConfigError(ValueError):
-  """A configuration value is invalid. The message names the field, the value and what is allowed."""
+from tract_jax.errors import ConfigError
 
 
 def parse_schedule(text, field: str = 'time_schedule') -> Tuple[int, ...]:

@@ -1,6 +1,7 @@
 """DDIM sampling: the whole rollout for any number of steps inside one compiled loop."""
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -21,7 +22,10 @@ def ddim_sample(denoise, params, noise, num_steps, labels=None, *, clip_x=True):
   Returns:
     (B, H, W, C) images in [-1, 1]: the last step's x_hat (clipped to [-1, 1] in any case).
   """
+  chex.assert_rank(noise, 4)
   batch = noise.shape[0]
+  if labels is not None:
+    chex.assert_shape(labels, (batch,))
   num_steps = jnp.asarray(num_steps, jnp.int32)
   n = num_steps.astype(jnp.float32)
 

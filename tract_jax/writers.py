@@ -60,7 +60,8 @@ def save_grid(path: str, images, ncol: Optional[int] = None, min_size: int = 256
 
 
 class MetricWriter:
-  """Writes scalars to stdout, to TensorBoard (tensorboardX) and to workdir/summary.jsonl."""
+  """Writes scalars to TensorBoard (tensorboardX, when installed) and to workdir/summary.jsonl.
+  Progress lines on stdout are the loop's."""
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
@@ -100,15 +101,28 @@ class MetricWriter:
 
 
 class Progress:
-  """steps/s and ETA for long loops."""
+  """Update rate, images/s and an h:mm:ss ETA for long loops, measured from the first line on (the
+  first step includes compilation, so it is not part of the rate)."""
 
-  def __init__(self, start_step: int, end_step: int):
-    self.start_step, self.end_step = start_step, end_step
-    self.t0 = time.time()
+  def __init__(self, end_step: int, images_per_step: int = 0):
+    self.end_step = end_step
+    self.images_per_step = images_per_step
+    self.first = None  # (step, time) of the first line
 
   def line(self, step: int) -> str:
-    done = step - self.start_step
-    elapsed = max(time.time() - self.t0, 1e-9)
-    rate = done / elapsed
-    eta = (self.end_step - step) / rate if rate > 0 else float('inf')
-    return f'{rate:.2f} steps/s, ETA {eta:.0f}s'
+    now = time.time()
+    if self.first is None or step <= self.first[0]:
+      self.first = (step, now)
+      return 'first step, with compilation'
+    rate = (step - self.first[0]) / max(now - self.first[1], 1e-9)
+    eta = format_duration((self.end_step - step) / rate)
+    images = f', {rate * self.images_per_step:,.0f} images/s' if self.images_per_step else ''
+    return f'{rate:.2f} steps/s{images}, ETA {eta}'
+
+
+def format_duration(seconds: float) -> str:
+  """3725.2 -> '1:02:05' (hours are not wrapped into days)."""
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(round(max(seconds, 0.0)))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'

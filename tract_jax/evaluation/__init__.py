@@ -1,7 +1,8 @@
 """Evaluation: FID (statistics, Frechet distance, 1/N extrapolation), the FID Inception-v3 network,
 and the offline digits metric.
 
-  fid.py               ActivationStats, stats_from_features, frechet_distance, save/load_stats, fid_vs_n
+  fid.py               ActivationStats, stats_from_features, frechet_distance, save/read/load_stats
+                       (with the resize convention they were made with), fid_vs_n, kid
   inception.py         FIDInceptionV3 (Flax), InceptionFeatures, load_inception
   convert_inception.py pytorch-fid .pth -> our .npz (command; PyTorch only there)
   reference_stats.py   training-set statistics (command)
@@ -15,7 +16,8 @@ import importlib
 _EXPORTS = {
     'ActivationStats': 'fid', 'FidVsN': 'fid', 'fid_vs_n': 'fid', 'fit_inverse_n': 'fid',
     'frechet_distance': 'fid', 'load_stats': 'fid', 'save_stats': 'fid',
-    'stats_from_features': 'fid',
+    'stats_from_features': 'fid', 'kid': 'fid', 'read_stats': 'fid', 'ReferenceStats': 'fid',
+    'check_stats_convention': 'fid',
     'FIDInceptionV3': 'inception', 'InceptionFeatures': 'inception', 'load_inception': 'inception',
     'DigitsMetric': 'digits_metric', 'teacher_agreement_rmse': 'digits_metric',
 }

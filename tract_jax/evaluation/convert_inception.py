@@ -17,10 +17,12 @@ where X is e.g. 'Conv2d_1a_3x3' or 'Mixed_5b.branch1x1' (dots become '/'). num_b
 AuxLogits.* entries (if a file has them) are dropped.
 
 With --golden_output=golden.npz (and pytorch-fid installed) it also stores pytorch-fid's features of
-a few fixed 299x299 images; point TRACT_INCEPTION_WEIGHTS and TRACT_INCEPTION_GOLDEN at the two files
-to run the golden test of tests/test_inception.py.
+a few fixed images at 32x32, 64x64 and 299x299 (resized by pytorch-fid itself); point
+TRACT_INCEPTION_WEIGHTS and TRACT_INCEPTION_GOLDEN at the two files to run the real-weight golden
+test of tests/test_inception.py. tools/make_fid_golden.py writes the same kind of file for the
+synthetic weights of `synthetic_state_dict` (the committed golden file of the CI test).
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -144,6 +146,50 @@ def convert_state_dict(state_dict: Dict[str, np.ndarray]) -> Dict[str, np.ndarra
   return out
 
 
+def synthetic_state_dict(seed: int = 0) -> Dict[str, np.ndarray]:
+  """Deterministic stand-in weights in pytorch-fid's state_dict layout (float32 NumPy, OIHW kernels).
+
+  Made for tests that must run without the real (non-redistributable, downloaded) weights: the
+  golden test compares our network with pytorch-fid's on these weights (tools/make_fid_golden.py),
+  so the generator must give the same numbers wherever it runs: it uses only
+  np.random.default_rng(seed) (PCG64) draws, stable in practice across NumPy versions, and the
+  golden file records `fingerprint` of the weights, so that a change would fail loudly.
+
+  Scaled so that activations stay O(1) through the 94 conv layers: He-normal kernels
+  (std sqrt(2 / fan_in)) keep the second moment through conv + ReLU, and each BatchNorm has
+  running_var = scale^2 * U(0.9, 1.1) (positive), so that scale / sqrt(running_var) is close to 1;
+  running_mean and bias are small (0.1 N(0, 1)).
+  """
+  rng = np.random.default_rng(seed)
+  state = {}
+  for name, cout, cin, kh, kw in torch_conv_table():
+    fan_in = cin * kh * kw
+    state[f'{name}.conv.weight'] = (rng.standard_normal((cout, cin, kh, kw))
+                                    * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    scale = rng.uniform(0.5, 1.5, cout)
+    state[f'{name}.bn.weight'] = scale.astype(np.float32)
+    state[f'{name}.bn.bias'] = (0.1 * rng.standard_normal(cout)).astype(np.float32)
+    state[f'{name}.bn.running_mean'] = (0.1 * rng.standard_normal(cout)).astype(np.float32)
+    state[f'{name}.bn.running_var'] = (scale ** 2 * rng.uniform(0.9, 1.1, cout)).astype(np.float32)
+  state['fc.weight'] = (rng.standard_normal((NUM_LOGITS, 2048)) / np.sqrt(2048)).astype(np.float32)
+  state['fc.bias'] = np.zeros(NUM_LOGITS, np.float32)
+  return state
+
+
+def fingerprint(state_dict: Dict[str, np.ndarray]) -> np.ndarray:
+  """(3,) float64 checksum of a state_dict: the sums of all values, of their squares, and of the
+  values times their position within each array (sensitive to order and layout)."""
+  total, squares, weighted = 0.0, 0.0, 0.0
+  for key in sorted(state_dict):
+    if _ignored(key):
+      continue
+    flat = np.asarray(state_dict[key], np.float64).ravel()
+    total += flat.sum()
+    squares += (flat * flat).sum()
+    weighted += (flat * np.arange(1, flat.size + 1) / flat.size).sum()
+  return np.asarray([total, squares, weighted])
+
+
 def _load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -156,47 +202,101 @@ def _load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
 
 
-def golden_images(num: int = 4, seed: int = 0) -> np.ndarray:
-  """Deterministic (num, 299, 299, 3) float32 test images on uint8 levels in [-1, 1]: smooth colour
-  gradients plus blocks and noise, already 299x299 so that no resize is involved."""
+def golden_images(num: int = 4, size: int = 299, seed: int = 0) -> np.ndarray:
+  """Deterministic (num, size, size, 3) uint8 test images: smooth colour gradients, a flat block and
+  an increasing share of noise (image i is (1 - 0.15 i) gradients + 0.15 i noise)."""
   rng = np.random.default_rng(seed)
-  yy, xx = np.meshgrid(np.linspace(0, 1, 299), np.linspace(0, 1, 299), indexing='ij')
+  yy, xx = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing='ij')
   images = []
-  for _ in range(num):
-    freq = rng.uniform(1, 6, size=(3, 2))
+  for i in range(num):
+    freq = rng.uniform(0.5, 3, size=(3, 2))
     phase = rng.uniform(0, 2 * np.pi, size=3)
     img = np.stack([np.sin(2 * np.pi * (f[0] * yy + f[1] * xx) + p) for f, p in zip(freq, phase)], -1)
-    y0, x0 = rng.integers(0, 200, size=2)
-    img[y0:y0 + 80, x0:x0 + 80] = rng.uniform(-1, 1, size=3)
-    img = 0.8 * img + 0.2 * rng.uniform(-1, 1, size=img.shape)
-    images.append(np.clip(np.round((img + 1) * 127.5), 0, 255) / 127.5 - 1)
-  return np.asarray(images, np.float32)
+    y0, x0 = rng.integers(0, size // 2, size=2)
+    img[y0:y0 + size // 3, x0:x0 + size // 3] = rng.uniform(-1, 1, size=3)
+    img = (1 - 0.15 * i) * img + 0.15 * i * rng.uniform(-1, 1, size=img.shape)
+    images.append(np.clip(np.round((img + 1) * 127.5), 0, 255).astype(np.uint8))
+  return np.stack(images)
 
 
-def write_golden(pth_path: str, output: str, num: int = 4) -> None:
-  """pytorch-fid's pool3 features of `golden_images()` -> .npz {'images', 'features'}.
+def golden_inputs(num: int = 4) -> Dict[str, np.ndarray]:
+  """The inputs of the golden file: {'images_32', 'images_64', 'images_299'}, (num, S, S, 3) uint8.
 
-  Needs torch and pytorch-fid (`pip install pytorch-fid`); reads the weights from `pth_path` instead
-  of downloading them. tests/test_inception.py compares our network against this file when
-  TRACT_INCEPTION_GOLDEN names it.
+  The 299x299 images are the 64x64 ones upsampled by pixel repetition (rows (i * 64) // 299), so
+  that no resize is involved there but the content is not the 32x32 / 64x64 one resized.
+  """
+  small, large = golden_images(num, 32, seed=1), golden_images(num, 64, seed=2)
+  rows = (np.arange(299) * 64) // 299
+  return {'images_32': small, 'images_64': large, 'images_299': large[:, rows][:, :, rows]}
+
+
+def pytorch_fid_features(state_dict: Dict[str, np.ndarray], images: np.ndarray,
+                         double: bool = False) -> np.ndarray:
+  """pool3 features of pytorch-fid's own InceptionV3 loaded with `state_dict`, used as the paper's
+  code uses it (apple/ml-tract lib/eval): output block 3 (2048-d), resize_input=True (F.interpolate
+  to 299x299, bilinear, align_corners=False), normalize_input=False, inputs in [-1, 1] quantised to
+  uint8 levels. Needs torch and pytorch-fid.
+
+  Args:
+    state_dict: pytorch-fid layout, NumPy arrays (e.g. `synthetic_state_dict()` or a real .pth).
+    images: (N, H, W, 3) uint8.
+    double: run the network in float64 (to measure float32 round-off); default float32 as in FID.
+
+  Returns:
+    (N, 2048) float64 array.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  from pytorch_fid import inception as pt_inception  # pylint: disable=g-import-not-at-top
+  tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()
+             if not _ignored(k)}
+  for name, *_ in torch_conv_table():  # strict loading wants BatchNorm's step counters too
+    tensors[f'{name}.bn.num_batches_tracked'] = torch.tensor(0)
+  # fid_inception_v3() fetches FID_WEIGHTS_URL through this module-level name: serve our weights.
+  original = pt_inception.load_state_dict_from_url
+  pt_inception.load_state_dict_from_url = lambda *args, **kwargs: tensors
+  try:
+    model = pt_inception.InceptionV3([pt_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]],
+                                     resize_input=True, normalize_input=False,
+                                     use_fid_inception=True).eval()
+  finally:
+    pt_inception.load_state_dict_from_url = original
+  dtype = torch.float64 if double else torch.float32
+  model = model.to(dtype)
+  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dtype) / 127.5 - 1
+  x = torch.round(127.5 * (x + 1)).clamp(0, 255) / 127.5 - 1  # the paper's quantisation (a no-op here)
+  with torch.no_grad():
+    feats = model(x)[0]
+  return feats.reshape(len(images), -1).double().numpy()
+
+
+def write_golden(state_dict: Dict[str, np.ndarray], output: str, num: int = 4,
+                 extra: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+  """pytorch-fid's pool3 features of `golden_inputs()` at 32x32, 64x64 and 299x299 -> .npz.
+
+  Keys: images_S (num, S, S, 3) uint8 and features_S (num, 2048) float32 for S in 32, 64, 299,
+  fingerprint (3,) of the weights, torch_version, pytorch_fid_version, and `extra`. Needs torch and
+  pytorch-fid (`pip install torch pytorch-fid`). Returns what it wrote, plus float64 features under
+  features64_S (not written; to measure float32 round-off).
   """
   try:
     import torch  # pylint: disable=g-import-not-at-top
-    from pytorch_fid import inception as pt_inception  # pylint: disable=g-import-not-at-top
+    import pytorch_fid  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise SystemExit('--golden_output needs torch and pytorch-fid: '
+    raise SystemExit('writing golden features needs torch and pytorch-fid: '
                      'pip install torch pytorch-fid') from e
-  # fid_inception_v3() fetches FID_WEIGHTS_URL through this module-level name: serve the local file.
-  pt_inception.load_state_dict_from_url = (
-      lambda *args, **kwargs: torch.load(pth_path, map_location='cpu', weights_only=True))
-  model = pt_inception.InceptionV3([pt_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]],
-                                   resize_input=False, normalize_input=False,
-                                   use_fid_inception=True).eval()
-  images = golden_images(num)
-  with torch.no_grad():
-    feats = model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))[0]
-  np.savez(output, images=images, features=feats.reshape(num, -1).numpy().astype(np.float32))
-  print(f'wrote {output}: pytorch-fid features of {num} golden images')
+  out = dict(golden_inputs(num))
+  out['fingerprint'] = fingerprint(state_dict)
+  out['torch_version'] = np.asarray(torch.__version__)
+  out['pytorch_fid_version'] = np.asarray(getattr(pytorch_fid, '__version__', 'unknown'))
+  out.update(extra or {})
+  float64 = {}
+  for size in (32, 64, 299):
+    images = out[f'images_{size}']
+    out[f'features_{size}'] = pytorch_fid_features(state_dict, images).astype(np.float32)
+    float64[f'features64_{size}'] = pytorch_fid_features(state_dict, images, double=True)
+  np.savez_compressed(output, **out)
+  print(f'wrote {output}: pytorch-fid features of {num} images at 32x32, 64x64 and 299x299')
+  return {**out, **float64}
 
 
 def main(argv=None):
@@ -214,7 +314,7 @@ def main(argv=None):
   n = sum(int(np.prod(v.shape)) for k, v in flat.items() if k.startswith('params/'))
   print(f'wrote {args.output}: {len(flat)} arrays, {n:,} parameters')
   if args.golden_output:
-    write_golden(args.input, args.golden_output)
+    write_golden(_load_torch_state_dict(args.input), args.golden_output)
 
 
 if __name__ == '__main__':

@@ -11,11 +11,19 @@ It differs from torchvision's Inception-v3 where the TF graph does:
 Every convolution has no bias and is followed by BatchNorm (inference form, eps 1e-3) and a ReLU.
 Module names follow the PyTorch state_dict ('Mixed_5b/branch1x1/conv/kernel', '.../bn/scale', ...).
 
-Features are the 2048-d global average pool ('pool3'). Inputs are images in [-1, 1], quantised to
-uint8 levels (spec section 8), resized to 299x299 with TF1's bilinear resize (align_corners=False,
-half_pixel_centers=False, no antialiasing), which is what the TF graph did; pytorch-fid instead uses
-PyTorch's half-pixel bilinear resize, so features of images that are not already 299x299 differ
-slightly from pytorch-fid's.
+Features are the 2048-d global average pool ('pool3'). The input pipeline is the paper's code's
+(apple/ml-tract lib/eval/fid.py and inception_net.py, which is pytorch-fid's network with
+resize_input=True, normalize_input=False):
+  1. images in [-1, 1] are snapped to uint8 levels: round(127.5 (x + 1)), clamped to 0..255, / 127.5 - 1;
+  2. resized to 299x299 bilinearly with resize='torch' (the default): PyTorch's
+     F.interpolate(mode='bilinear', align_corners=False), half-pixel centres, source index
+     (dst + 0.5) * in / out - 0.5 clamped at 0, no antialiasing; this is what the paper's code and
+     pytorch-fid do;
+  3. fed to the network as they are, in [-1, 1].
+resize='tf1' is the original TF graph's resize (tf.image.resize_bilinear, align_corners=False, NO
+half-pixel centres: source index dst * in / out). It is NOT the paper's protocol: on 32x32 images it
+changes pool3 features by about 20% (relative, real weights) and FID accordingly; it is kept to
+compare with numbers from TF-based FID code.
 """
 import functools
 from typing import Any, Optional, Sequence, Tuple, Union
@@ -37,8 +45,19 @@ Padding = Union[str, Sequence[Tuple[int, int]]]
 
 
 # ---------------------------------------------------------------------------------------------------
-# TF1 bilinear resize.
+# Bilinear resizes (the two conventions) and the input pipeline.
 # ---------------------------------------------------------------------------------------------------
+RESIZE_METHODS = ('torch', 'tf1')
+DEFAULT_RESIZE = 'torch'  # the paper's code (pytorch-fid's network with F.interpolate)
+
+
+def check_resize(resize: str) -> str:
+  """Returns `resize` if it is one of RESIZE_METHODS, else raises ValueError naming the choices."""
+  if resize not in RESIZE_METHODS:
+    raise ValueError(f'resize={resize!r}: allowed values are {RESIZE_METHODS}')
+  return resize
+
+
 def _tf1_resize_weights(in_size: int, out_size: int):
   """Source rows and weights of TF1 ResizeBilinear along one axis (align_corners=False,
   half_pixel_centers=False): source coordinate = dst * in_size / out_size, no antialiasing.
@@ -54,25 +73,33 @@ def _tf1_resize_weights(in_size: int, out_size: int):
   return lower, upper, frac
 
 
-def resize_bilinear_tf1(images, size: Tuple[int, int]):
-  """TF1 `tf.image.resize_bilinear(images, size, align_corners=False)`, explicitly with gather/lerp.
-
-  Interpolates along the width first and then along the height, as TF does, with a + (b - a) * w.
-  The gather indices and weights depend only on the static shapes and are computed on the host.
-
-  Args:
-    images: (B, H, W, C) float array.
-    size: (out_height, out_width).
+def _torch_resize_weights(in_size: int, out_size: int):
+  """Source rows and weights of PyTorch's bilinear interpolation along one axis
+  (F.interpolate(size=..., mode='bilinear', align_corners=False), the half-pixel rule):
+  source coordinate = (dst + 0.5) * in_size / out_size - 0.5, clamped below at 0; the upper
+  neighbour is clamped at the last pixel. No antialiasing (PyTorch's default antialias=False).
 
   Returns:
-    (B, out_height, out_width, C) array of the input's dtype.
+    lower (out,) int32, upper (out,) int32, frac (out,) float32.
   """
+  src = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+  src = np.maximum(src, 0.0)
+  lower = np.minimum(np.floor(src), in_size - 1)
+  frac = (src - lower).astype(np.float32)
+  lower = lower.astype(np.int32)
+  upper = np.minimum(lower + 1, in_size - 1).astype(np.int32)
+  return lower, upper, frac
+
+
+def _resize_separable(images, size: Tuple[int, int], weights_fn):
+  """Bilinear resize with host-computed gather indices and weights: along the width first, then the
+  height, each as a + (b - a) * w (static shapes, so indices and weights are constants)."""
   _, height, width, _ = images.shape
   out_h, out_w = size
   if (height, width) == (out_h, out_w):
-    return images
-  x0, x1, wx = _tf1_resize_weights(width, out_w)
-  y0, y1, wy = _tf1_resize_weights(height, out_h)
+    return images  # both conventions are the identity at equal size
+  x0, x1, wx = weights_fn(width, out_w)
+  y0, y1, wy = weights_fn(height, out_h)
   wx = jnp.asarray(wx, images.dtype)[None, None, :, None]
   wy = jnp.asarray(wy, images.dtype)[None, :, None, None]
   left, right = jnp.take(images, x0, axis=2), jnp.take(images, x1, axis=2)
@@ -81,23 +108,59 @@ def resize_bilinear_tf1(images, size: Tuple[int, int]):
   return top + (bottom - top) * wy                                    # (B, out_h, out_w, C)
 
 
+def resize_bilinear_tf1(images, size: Tuple[int, int]):
+  """TF1 `tf.image.resize_bilinear(images, size, align_corners=False)` (no half-pixel centres).
+
+  Args:
+    images: (B, H, W, C) float array.
+    size: (out_height, out_width).
+
+  Returns:
+    (B, out_height, out_width, C) array of the input's dtype.
+  """
+  return _resize_separable(images, size, _tf1_resize_weights)
+
+
+def resize_bilinear_torch(images, size: Tuple[int, int]):
+  """PyTorch `F.interpolate(x, size, mode='bilinear', align_corners=False)` (half-pixel centres), the
+  resize of pytorch-fid and of the paper's FID code.
+
+  Args:
+    images: (B, H, W, C) float array.
+    size: (out_height, out_width).
+
+  Returns:
+    (B, out_height, out_width, C) array of the input's dtype.
+  """
+  return _resize_separable(images, size, _torch_resize_weights)
+
+
+def resize_bilinear(images, size: Tuple[int, int], resize: str = DEFAULT_RESIZE):
+  """`resize_bilinear_torch` (resize='torch') or `resize_bilinear_tf1` (resize='tf1')."""
+  fn = {'torch': resize_bilinear_torch, 'tf1': resize_bilinear_tf1}[check_resize(resize)]
+  return fn(images, size)
+
+
 def quantize_uint8(images):
-  """[-1, 1] -> the nearest of the 256 uint8 levels round((x + 1) * 127.5), mapped back to [-1, 1]."""
-  levels = jnp.clip(jnp.round((images + 1.0) * 127.5), 0.0, 255.0)
+  """[-1, 1] -> the nearest of the 256 uint8 levels, back in [-1, 1], as the paper's code does:
+  round(127.5 (x + 1)) (half to even, like torch.round), clamped to 0..255, then / 127.5 - 1."""
+  levels = jnp.clip(jnp.round(127.5 * (images + 1.0)), 0.0, 255.0)
   return levels / 127.5 - 1.0
 
 
-def preprocess(images, size: int = INPUT_SIZE, quantize: bool = True):
+def preprocess(images, size: int = INPUT_SIZE, quantize: bool = True, resize: str = DEFAULT_RESIZE):
   """Images in [-1, 1] -> the network input.
 
   Args:
     images: (B, H, W, C) with C = 3, or C = 1 (repeated to 3 channels); values in [-1, 1].
     size: output side (299 for the real protocol; smaller sizes, at least 75, only for tests).
     quantize: snap to uint8 levels first (spec section 8; a no-op on images read from uint8 files).
+    resize: 'torch' (default; the paper's code and pytorch-fid) or 'tf1' (the TF graph's resize).
 
   Returns:
     (B, size, size, 3) float32.
   """
+  check_resize(resize)
   images = jnp.asarray(images, jnp.float32)
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
     raise ValueError(f'images must be (B, H, W, 1 or 3), got shape {images.shape}')
@@ -105,7 +168,7 @@ def preprocess(images, size: int = INPUT_SIZE, quantize: bool = True):
     images = jnp.repeat(images, 3, axis=-1)
   if quantize:
     images = quantize_uint8(images)
-  return resize_bilinear_tf1(images, (size, size))
+  return resize_bilinear(images, (size, size), resize)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,29 +415,43 @@ class InceptionFeatures:
       compiled. With a mesh it must be divisible by the mesh size (and by the process count).
     size: network input side; 299 is the FID protocol, smaller (>= 75) is only for fast tests.
     quantize: snap inputs to uint8 levels first (spec section 8).
+    resize: 'torch' (default: PyTorch's half-pixel bilinear, as the paper's code and pytorch-fid) or
+      'tf1' (the TF graph's resize, not the paper's protocol). Reference statistics must be made with
+      the same value (`fid.load_stats(path, resize=...)` checks it).
     precision: conv/matmul precision (default HIGHEST).
+
+  The pipeline is two jitted functions: the preprocessing (quantise, resize; compiled once per input
+  resolution, in well under a second) and the network on (batch_size, size, size, 3) inputs (compiled
+  once, whatever the resolution of the images).
 
   In a multi-process run each process passes its own images (the same count on every process) and
   gets its own rows back.
   """
 
   def __init__(self, variables, mesh: Optional[Mesh] = None, batch_size: int = 200,
-               size: int = INPUT_SIZE, quantize: bool = True, precision=jax.lax.Precision.HIGHEST):
+               size: int = INPUT_SIZE, quantize: bool = True, resize: str = DEFAULT_RESIZE,
+               precision=jax.lax.Precision.HIGHEST):
     if size < MIN_INPUT_SIZE:
       raise ValueError(f'size={size}: the network needs inputs of at least {MIN_INPUT_SIZE} pixels')
     self.mesh = mesh
     self.size = size
     self.batch_size = batch_size
+    self.resize = check_resize(resize)
+    self.quantize = quantize
     model = FIDInceptionV3(precision=precision)
 
-    def features(variables, images):
-      return model.apply(variables, preprocess(images, size, quantize))['pool']
+    def prepare(images):
+      return preprocess(images, size, quantize, resize)
+
+    def network(variables, inputs):
+      return model.apply(variables, inputs)['pool']
 
     if mesh is None:
       self.batch_sharding = None
       self.local_batch = batch_size
       self._variables = jax.device_put(variables)
-      self._fn = jax.jit(features)
+      self._prepare = jax.jit(prepare)
+      self._network = jax.jit(network)
     else:
       shards = mesh.size
       if batch_size % shards or batch_size % jax.process_count():
@@ -384,20 +461,30 @@ class InceptionFeatures:
       replicated = NamedSharding(mesh, P())
       self.local_batch = batch_size // jax.process_count()
       self._variables = jax.device_put(variables, replicated)
-      self._fn = jax.jit(features, in_shardings=(replicated, self.batch_sharding),
-                         out_shardings=self.batch_sharding)
+      self._prepare = jax.jit(prepare, in_shardings=self.batch_sharding,
+                              out_shardings=self.batch_sharding)
+      self._network = jax.jit(network, in_shardings=(replicated, self.batch_sharding),
+                              out_shardings=self.batch_sharding)
+
+  def network_inputs(self, images) -> np.ndarray:
+    """The preprocessed (N, size, size, 3) network inputs of (N, H, W, C) images (for tests and
+    debugging; single-process, no padding logic needed)."""
+    images = np.asarray(images, np.float32)
+    if images.ndim == 4 and images.shape[-1] == 1:
+      images = np.repeat(images, 3, axis=-1)
+    return np.asarray(preprocess(images, self.size, self.quantize, self.resize))
 
   def _run(self, chunk: np.ndarray):
-    if self.batch_sharding is None:
-      return self._fn(self._variables, chunk)
-    return self._fn(self._variables,
-                    jax.make_array_from_process_local_data(self.batch_sharding, chunk))
+    if self.batch_sharding is not None:
+      chunk = jax.make_array_from_process_local_data(self.batch_sharding, chunk)
+    return self._network(self._variables, self._prepare(chunk))
 
   def __call__(self, images) -> np.ndarray:
     """Features of a set of images.
 
     Args:
-      images: (N, H, W, C) in [-1, 1], C in {1, 3}, H and W anything (resized to `size`).
+      images: (N, H, W, C) in [-1, 1], C in {1, 3}, H and W anything (resized to `size` with the
+        `resize` convention).
 
     Returns:
       (N, 2048) float32 numpy array.
@@ -426,12 +513,14 @@ class InceptionFeatures:
     return acc
 
 
-def load_inception(path: str, mesh: Optional[Mesh] = None, **kwargs) -> InceptionFeatures:
+def load_inception(path: str, mesh: Optional[Mesh] = None, resize: str = DEFAULT_RESIZE,
+                   **kwargs) -> InceptionFeatures:
   """`InceptionFeatures` from a converted weight file (see convert_inception.py).
 
   Args:
     path: .npz written by `python -m tract_jax.evaluation.convert_inception`.
     mesh: optional mesh to shard batches over.
+    resize: 'torch' (default, the paper's code) or 'tf1'; see `InceptionFeatures`.
     **kwargs: passed to `InceptionFeatures` (batch_size, size, quantize, precision).
   """
-  return InceptionFeatures(load_variables(path), mesh=mesh, **kwargs)
+  return InceptionFeatures(load_variables(path), mesh=mesh, resize=resize, **kwargs)

@@ -1,0 +1,121 @@
+"""Every start-up check: a bad value stops the job before anything compiles, with one line that names
+the field, the value and what is allowed (ConfigError, exit code 2 from main.py)."""
+import os
+
+from tract_jax import checkpoints, data, diffusion, methods, parallel, phases
+from tract_jax.errors import ConfigError
+
+__all__ = ['ConfigError', 'validate_config', 'check_image_shape', 'check_device_sizes', 'METHODS',
+           'MODES', 'METRICS']
+
+METHODS = ('teacher', 'tract', 'btd')
+MODES = ('train', 'evaluate', 'sample')
+METRICS = ('agreement', 'digits_fid', 'fid', 'kid')
+
+
+def _choice(name, value, allowed):
+  if value not in allowed:
+    raise ConfigError(f'{name}={value!r}: allowed values are {", ".join(map(repr, allowed))}')
+
+
+def _check_eval(config):
+  for metric in config.eval.metrics:
+    _choice('eval.metrics entry', metric, METRICS)
+  if 'digits_fid' in config.eval.metrics and config.data.name != 'digits':
+    raise ConfigError(f"eval.metrics: 'digits_fid' scores the embedded digits only, not "
+                      f'data.name={config.data.name!r}')
+  inception_metrics = [m for m in config.eval.metrics if m in ('fid', 'kid')]
+  if inception_metrics:
+    _choice('eval.fid_resize', config.eval.fid_resize, ('torch', 'tf1'))
+    for field in ('inception_weights', 'reference_stats'):
+      if not config.eval[field] or not os.path.exists(os.path.expanduser(config.eval[field])):
+        raise ConfigError(f"eval.{field}={config.eval[field]!r}: {inception_metrics[0]!r} in "
+                          'eval.metrics needs this file (see README, "FID protocol")')
+    from tract_jax.evaluation import fid  # reads the statistics' record, not the network
+    reference = fid.read_stats(os.path.expanduser(config.eval.reference_stats))
+    fid.check_stats_convention(reference.meta, config.eval.fid_resize, config.eval.reference_stats)
+    if 'kid' in inception_metrics and reference.features is None:
+      raise ConfigError(f'eval.reference_stats={config.eval.reference_stats!r}: holds no reference '
+                        "features, which 'kid' needs; remake it with reference_stats --kid_features")
+  if config.eval_every < 0:
+    raise ConfigError(f'eval_every={config.eval_every}: must be >= 0 (0 = only at phase ends)')
+
+
+def _check_model(config):
+  _choice('model.mean_type', config.model.mean_type, diffusion.MEAN_TYPES)
+  _choice('model.conv_impl', config.model.conv_impl, ('xla', 'im2col'))
+  _choice('model.dtype', config.model.dtype, ('float32', 'bfloat16'))
+  _choice('model.teacher_dtype', config.model.teacher_dtype, ('', 'float32', 'bfloat16'))
+  _choice('model.remat', config.model.remat, ('none', 'blocks'))
+  if (config.model.num_heads is None) == (config.model.head_dim is None):
+    raise ConfigError('model.num_heads / model.head_dim: set exactly one of them (the other None)')
+  if config.model.mean_type == 'both' and config.model.out_ch % 2:
+    raise ConfigError(f"model.out_ch={config.model.out_ch}: mean_type 'both' needs an even number "
+                      '(an x head and an eps head)')
+
+
+def _check_training(config):
+  tc = config.teacher_training
+  _choice('loss_reduction', config.loss_reduction, methods.REDUCTIONS)
+  _choice('teacher_training.loss_reduction', tc.loss_reduction, methods.REDUCTIONS)
+  _choice('teacher_training.time_sampling', tc.time_sampling, ('continuous', 'grid'))
+  _choice('ema_reset', config.ema_reset, ('none', 'phase'))
+  _choice('nonfinite', config.nonfinite, ('stop', 'skip'))
+  if not 0.0 <= config.sema < 1.0:
+    raise ConfigError(f'sema={config.sema}: must be in [0, 1)')
+  if not 0.0 < tc.ema_decay < 1.0:
+    raise ConfigError(f'teacher_training.ema_decay={tc.ema_decay}: must be in (0, 1)')
+  for name in ('checkpoint_every', 'log_every'):
+    if int(config[name]) < 1:
+      raise ConfigError(f'{name}={config[name]}: must be a positive integer')
+
+
+def validate_config(config):
+  """Checks the fields; returns the phase plan (None for the teacher job)."""
+  _choice('method', config.method, METHODS)
+  _choice('mode', config.mode, MODES)
+  data.check_name(config.data.name)
+  _check_eval(config)
+  _check_model(config)
+  _check_training(config)
+  if config.method == 'teacher':
+    if config.teacher_training.train_steps < 1 and config.mode == 'train':
+      raise ConfigError(f'teacher_training.train_steps={config.teacher_training.train_steps}: the '
+                        'teacher job needs at least one step')
+    return None
+  if config.mode == 'train':  # evaluate/sample only read the workdir: no teacher is needed
+    if not config.teacher_checkpoint and config.teacher_training.train_steps < 1:
+      raise ConfigError("teacher_checkpoint='': give a teacher checkpoint, or set "
+                        'teacher_training.train_steps > 0 to train a teacher first')
+    if config.teacher_checkpoint and not os.path.isdir(
+        checkpoints.resolve_params_path(config.teacher_checkpoint)):
+      raise ConfigError(f'teacher_checkpoint={config.teacher_checkpoint!r}: no such checkpoint '
+                        'directory')
+  return phases.make_plan(config.method, config.teacher_steps, config.time_schedule,
+                          config.train_samples, config.batch_size, config.ema_residual)
+
+
+def check_image_shape(config, image_shape):
+  """The UNet halves the resolution len(ch_mult) - 1 times; the channels must match the output."""
+  h, w, c = image_shape
+  levels = len(config.model.ch_mult) - 1
+  if h != w or h % (2 ** levels):
+    raise ConfigError(f'model.ch_mult={tuple(config.model.ch_mult)}: {len(config.model.ch_mult)} '
+                      f'levels need square images whose side is divisible by {2 ** levels}; the '
+                      f'data has {h}x{w}')
+  expected = 2 * c if config.model.mean_type == 'both' else c
+  if config.model.out_ch != expected:
+    raise ConfigError(f'model.out_ch={config.model.out_ch}: mean_type {config.model.mean_type!r} '
+                      f'on {c}-channel images needs {expected}')
+
+
+def check_device_sizes(config, mesh):
+  """Every batch against the mesh's devices and the processes, before anything compiles."""
+  parallel.check_batch(config.batch_size, mesh, 'batch_size')
+  parallel.check_batch(config.teacher_training.batch_size, mesh, 'teacher_training.batch_size')
+  parallel.check_batch(config.eval.sample_batch, mesh, 'eval.sample_batch')
+  if any(m in config.eval.metrics for m in ('fid', 'kid')):
+    parallel.check_batch(config.eval.inception_batch, mesh, 'eval.inception_batch')
+  if config.eval.num_samples % config.eval.sample_batch:
+    raise ConfigError(f'eval.num_samples={config.eval.num_samples}: must be a multiple of '
+                      f'eval.sample_batch={config.eval.sample_batch}')
