@@ -547,11 +547,11 @@ def fid_feature_bench(mesh, batch, size, image_hw, steps, max_seconds, cached):
   """Times the FID feature pass as evaluation runs it (preprocess: uint8 quantisation and TF1
   bilinear resize to `size` inside the program; Inception-v3 at HIGHEST precision; pool3 features).
   Returns (timings, seconds per call, lowered FLOPs, compiled)."""
-  from tract_jax.evaluation import inception
+  from tract_jax.evaluation import inception, preprocess
   model = inception.FIDInceptionV3()
 
   def features(variables, images):
-    return model.apply(variables, inception.preprocess(images, size))['pool']
+    return model.apply(variables, preprocess.preprocess(images, size))['pool']
 
   variables = jax.device_put(random_inception_variables(size), parallel.replicated(mesh))
   images = jax.device_put(

@@ -2,7 +2,7 @@
 # Runs a tract_jax job on a Cloud TPU VM (one host, or every host of a multi-host slice).
 #
 #   launch/tpu_vm.sh --name tract-v4 --zone us-central2-b --accelerator v4-8 \
-#       --config configs/cifar10_tract.py --workdir gs://MY_BUCKET/runs/cifar10 \
+#       --config configs/cifar10_tract.py --workdir /mnt/MY_BUCKET/runs/cifar10 \
 #       [-- --config.batch_size=256 ...]
 #
 # Options:
@@ -14,7 +14,9 @@
 #   --queued               ask for the VM through a queued resource (waits until it is ACTIVE)
 #   --spot                 spot capacity (cheaper, preemptible)
 #   --config FILE          job config, relative to the repository root                 (required)
-#   --workdir DIR          checkpoints, samples, logs: use gs://... (see Resuming)     (required)
+#   --workdir DIR          checkpoints, samples, logs: a path every worker shares that    (required)
+#                          outlives the VM, e.g. a bucket mounted with gcsfuse (see Resuming);
+#                          tract_jax refuses gs:// paths until it supports them
 #   --copy                 ship this checkout to every worker (default): the files git lists,
 #                          tracked and untracked-but-not-ignored
 #   --repo URL [--branch B]  clone URL on every worker instead
@@ -31,7 +33,8 @@
 #
 # Resuming after preemption: run the same command again. It recreates the VM if needed, installs,
 # and the job resumes from the latest Orbax checkpoint in --workdir (which is why the workdir must
-# be on GCS: the VM's disk goes with the VM, and the hosts of a slice must share it). A finished
+# be on a bucket mounted on every worker: the VM's disk goes with the VM, and the hosts of a slice
+# must share it). A finished
 # job restarted this way finds its checkpoints and only redoes what is missing.
 #
 # Follow:  gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=0 --command='tail -f ~/tract_jax_run.log'
@@ -87,15 +90,18 @@ done
 [[ -n $name ]] || die '--name is required'
 [[ -n $zone ]] || die '--zone is required'
 [[ -n $config ]] || die '--config is required (e.g. configs/cifar10_tract.py)'
-[[ -n $workdir ]] || die '--workdir is required (e.g. gs://MY_BUCKET/runs/cifar10)'
+[[ -n $workdir ]] || die '--workdir is required (e.g. /mnt/MY_BUCKET/runs/cifar10, a gcsfuse mount)'
 if ((copy)) && [[ -n $repo ]]; then
   die 'give --copy or --repo URL, not both'
 fi
 [[ -z $branch || -n $repo ]] || die '--branch needs --repo'
 [[ -n $repo ]] || copy=1
-if [[ $workdir != gs://* ]]; then
-  echo "tpu_vm.sh: warning: --workdir $workdir is not on GCS: it is lost with the VM and not" \
-    'shared by the hosts of a multi-host slice, so a preempted job cannot resume.' >&2
+if [[ $workdir == gs://* ]]; then
+  echo "tpu_vm.sh: warning: tract_jax does not take gs:// workdirs yet (it stops at start-up):" \
+    'mount the bucket with gcsfuse at the same path on every worker and pass that path.' >&2
+elif [[ $workdir != /mnt/* && $workdir != /gcs/* ]]; then
+  echo "tpu_vm.sh: warning: --workdir $workdir must be shared by every worker and outlive the VM" \
+    '(a gcsfuse mount of a bucket), or a preempted job cannot resume.' >&2
 fi
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

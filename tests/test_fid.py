@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 
 from tract_jax.errors import ConfigError
-from tract_jax.evaluation import fid
+from tract_jax.evaluation import fid, kid, stats_files
 
 
 def random_stats(rng, n, d, shift=0.0):
@@ -67,7 +67,8 @@ def test_activation_stats_over_batches_equal_np_cov():
   # Merging two accumulators (e.g. two hosts) gives the same statistics.
   a = fid.ActivationStats().update(feats[:300])
   b = fid.ActivationStats().update(feats[300:])
-  a.merge(b)
+  # ... also after travelling as one float64 vector (how hosts exchange them).
+  a.merge(fid.ActivationStats.from_array(b.to_array()))
   np.testing.assert_allclose(a.mean(), mu, rtol=1e-12)
   np.testing.assert_allclose(a.covariance(), sigma, rtol=1e-9, atol=1e-9)
   mu2, sigma2 = fid.stats_from_features(feats)
@@ -81,14 +82,14 @@ def test_save_load_stats_roundtrip(tmp_path):
   mu, sigma = random_stats(rng, 50, 8)
   feats = rng.normal(size=(20, 8))
   path = str(tmp_path / 'stats.npz')
-  fid.save_stats(path, mu, sigma, 50, resize='torch', dataset='cifar10', split='train',
+  stats_files.save_stats(path, mu, sigma, 50, resize='torch', dataset='cifar10', split='train',
                  features=feats, meta={'inception_weights': 'inception_fid.npz'})
-  mu2, sigma2, n = fid.load_stats(path)
+  mu2, sigma2, n = stats_files.load_stats(path)
   np.testing.assert_array_equal(mu2, mu)
   np.testing.assert_array_equal(sigma2, sigma)
   assert n == 50
   assert sorted(np.load(path).files) == ['features', 'meta', 'mu', 'n', 'sigma']  # no pickles
-  stats = fid.read_stats(path)
+  stats = stats_files.read_stats(path)
   assert stats.meta == {'format_version': 1, 'resize': 'torch', 'num_images': 50,
                         'dataset': 'cifar10', 'split': 'train', 'kid_features': 20,
                         'inception_weights': 'inception_fid.npz'}
@@ -96,38 +97,38 @@ def test_save_load_stats_roundtrip(tmp_path):
   np.testing.assert_allclose(stats.features, feats, rtol=1e-6)
   with warnings.catch_warnings():
     warnings.simplefilter('error')
-    fid.load_stats(path, resize='torch')  # same convention: silent
+    stats_files.load_stats(path, resize='torch')  # same convention: silent
   with pytest.raises(ValueError, match=r'features must be \(K, 8\)'):
-    fid.save_stats(path, mu, sigma, 50, features=feats[:, :3])
+    stats_files.save_stats(path, mu, sigma, 50, features=feats[:, :3])
 
 
 def test_stats_of_another_resize_convention_are_refused(tmp_path):
   rng = np.random.default_rng(3)
   mu, sigma = random_stats(rng, 30, 4)
   path = str(tmp_path / 'tf1.npz')
-  fid.save_stats(path, mu, sigma, 30, resize='tf1', dataset='cifar10', split='train')
+  stats_files.save_stats(path, mu, sigma, 30, resize='tf1', dataset='cifar10', split='train')
   with pytest.raises(ConfigError) as info:
-    fid.load_stats(path, resize='torch')
+    stats_files.load_stats(path, resize='torch')
   message = str(info.value)
   assert '\n' not in message
   assert message.startswith("eval.fid_resize='torch' but the reference statistics ")
   assert "made with resize='tf1'" in message and '--resize=torch' in message
   with pytest.raises(ConfigError, match='fid_resize'):
-    fid.check_stats_convention(fid.read_stats(path).meta, 'torch', path)
-  assert fid.load_stats(path, resize='tf1')[2] == 30
+    stats_files.check_stats_convention(stats_files.read_stats(path).meta, 'torch', path)
+  assert stats_files.load_stats(path, resize='tf1')[2] == 30
   # An old file (mu, sigma, n only) is accepted with a warning, and has no meta or features.
   old = str(tmp_path / 'old.npz')
   np.savez(old, mu=mu, sigma=sigma, n=np.asarray(30))
   with pytest.warns(UserWarning, match='do not record their resize convention'):
-    mu2, _, n = fid.load_stats(old, resize='torch')
+    mu2, _, n = stats_files.load_stats(old, resize='torch')
   np.testing.assert_array_equal(mu2, mu)
-  stats = fid.read_stats(old)
+  stats = stats_files.read_stats(old)
   assert stats.meta == {} and stats.features is None and stats.n == 30
   # A file written without a convention records None: also a warning, not an error.
   unknown = str(tmp_path / 'unknown.npz')
-  fid.save_stats(unknown, mu, sigma, 30)
+  stats_files.save_stats(unknown, mu, sigma, 30)
   with pytest.warns(UserWarning):
-    fid.load_stats(unknown, resize='tf1')
+    stats_files.load_stats(unknown, resize='tf1')
 
 
 # ---- KID ---------------------------------------------------------------------------------------------
@@ -147,9 +148,9 @@ def test_kid_matches_direct_formula():
   a = rng.normal(size=(15, 6))
   b = rng.normal(size=(12, 6)) + 0.3
   want = mmd2_direct(a[:12], b)
-  np.testing.assert_allclose(fid.polynomial_mmd2_unbiased(a[:12], b), want, rtol=1e-12)
+  np.testing.assert_allclose(kid.polynomial_mmd2_unbiased(a[:12], b), want, rtol=1e-12)
   # Subsets: each draws rows of a, then rows of b, without replacement from default_rng(seed).
-  mean, std = fid.kid(a, b, num_subsets=5, subset_size=8, seed=7)
+  mean, std = kid.kid(a, b, num_subsets=5, subset_size=8, seed=7)
   draws = np.random.default_rng(7)
   values = []
   for _ in range(5):
@@ -158,13 +159,13 @@ def test_kid_matches_direct_formula():
     values.append(mmd2_direct(a[rows_a], b[rows_b]))
   np.testing.assert_allclose([mean, std], [np.mean(values), np.std(values)], rtol=1e-10)
   # The subset size is clipped to the smaller set: with all rows the subsets are the whole sets.
-  mean, std = fid.kid(a[:12], b, num_subsets=3, subset_size=1000)
+  mean, std = kid.kid(a[:12], b, num_subsets=3, subset_size=1000)
   np.testing.assert_allclose(mean, want, rtol=1e-12)
   assert std < 1e-12
-  assert fid.kid(a, b, num_subsets=4, subset_size=8, seed=1) == fid.kid(a, b, num_subsets=4,
+  assert kid.kid(a, b, num_subsets=4, subset_size=8, seed=1) == kid.kid(a, b, num_subsets=4,
                                                                            subset_size=8, seed=1)
   with pytest.raises(ValueError, match='same D'):
-    fid.kid(a, b[:, :5])
+    kid.kid(a, b[:, :5])
 
 
 def test_kid_is_zero_for_one_distribution_and_positive_for_shifted():
@@ -172,8 +173,8 @@ def test_kid_is_zero_for_one_distribution_and_positive_for_shifted():
   d = 64
   mix = rng.normal(size=(d, d)) / np.sqrt(d)
   sample = lambda n, shift=0.0: np.maximum(rng.normal(size=(n, d)) @ mix + 0.5 + shift, 0)
-  same_mean, same_std = fid.kid(sample(2000), sample(2000), num_subsets=20, subset_size=500)
-  shifted_mean, shifted_std = fid.kid(sample(2000), sample(2000, 0.1), num_subsets=20,
+  same_mean, same_std = kid.kid(sample(2000), sample(2000), num_subsets=20, subset_size=500)
+  shifted_mean, shifted_std = kid.kid(sample(2000), sample(2000, 0.1), num_subsets=20,
                                       subset_size=500)
   # Unbiased: about 0, well within the spread over subsets (single estimates can be negative).
   assert abs(same_mean) < 0.5 * same_std

@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import Mesh
 
 from tract_jax import data
-from tract_jax.evaluation import convert_inception, inception, reference_stats
+from tract_jax.evaluation import convert_inception, inception, preprocess, reference_stats
 
 # torchvision's inception_v3 has 27,161,264 parameters with the auxiliary head (3,326,696) and a
 # 1000-way classifier; the FID graph has no auxiliary head and 1008 classes: 23,834,568 + 8 * 2049.
@@ -82,7 +82,7 @@ def torch_resize_reference(images, out_h, out_w):
 def test_resize_matches_numpy_tf1(in_hw, out_hw):
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, size=(2,) + in_hw + (3,)).astype(np.float32)
-  got = np.asarray(inception.resize_bilinear_tf1(jnp.asarray(images), out_hw))
+  got = np.asarray(preprocess.resize_bilinear_tf1(jnp.asarray(images), out_hw))
   assert got.shape == (2,) + out_hw + (3,) and got.dtype == np.float32
   np.testing.assert_allclose(got, tf1_resize_reference(images, *out_hw), atol=2e-6)
 
@@ -92,24 +92,24 @@ def test_resize_matches_numpy_tf1(in_hw, out_hw):
 def test_resize_matches_numpy_torch(in_hw, out_hw):
   rng = np.random.default_rng(1)
   images = rng.uniform(-1, 1, size=(2,) + in_hw + (3,)).astype(np.float32)
-  got = np.asarray(inception.resize_bilinear_torch(jnp.asarray(images), out_hw))
+  got = np.asarray(preprocess.resize_bilinear_torch(jnp.asarray(images), out_hw))
   assert got.shape == (2,) + out_hw + (3,) and got.dtype == np.float32
   np.testing.assert_allclose(got, torch_resize_reference(images, *out_hw), atol=2e-6)
   np.testing.assert_array_equal(
-      got, np.asarray(inception.resize_bilinear(jnp.asarray(images), out_hw, 'torch')))
+      got, np.asarray(preprocess.resize_bilinear(jnp.asarray(images), out_hw, 'torch')))
 
 
 def test_resize_conventions_by_hand():
   row = jnp.asarray([0.0, 1.0]).reshape(1, 1, 2, 1)
   # TF1, 2 -> 4 pixels: source coordinates 0, 0.5, 1, 1.5 (clamped).
-  np.testing.assert_allclose(np.asarray(inception.resize_bilinear_tf1(row, (1, 4))).ravel(),
+  np.testing.assert_allclose(np.asarray(preprocess.resize_bilinear_tf1(row, (1, 4))).ravel(),
                              [0.0, 0.5, 1.0, 1.0])
   # PyTorch (half-pixel centres): -0.25 (clamped to 0), 0.25, 0.75, 1.25 (upper neighbour clamped).
-  np.testing.assert_allclose(np.asarray(inception.resize_bilinear_torch(row, (1, 4))).ravel(),
+  np.testing.assert_allclose(np.asarray(preprocess.resize_bilinear_torch(row, (1, 4))).ravel(),
                              [0.0, 0.25, 0.75, 1.0])
-  assert inception.DEFAULT_RESIZE == 'torch'
+  assert preprocess.DEFAULT_RESIZE == 'torch'
   with pytest.raises(ValueError, match="resize='bilinear': allowed values are"):
-    inception.preprocess(np.zeros((1, 8, 8, 3)), size=16, resize='bilinear')
+    preprocess.preprocess(np.zeros((1, 8, 8, 3)), size=16, resize='bilinear')
 
 
 def test_preprocess_quantises_like_the_papers_code():
@@ -117,10 +117,10 @@ def test_preprocess_quantises_like_the_papers_code():
   levels = np.asarray([0.0, 1.2, 2.8, 127.4, 254.7, 255.0])
   x = np.concatenate([levels / 127.5 - 1, [-1.2, 1.3]]).astype(np.float32)
   want = np.asarray([0.0, 1.0, 3.0, 127.0, 255.0, 255.0, 0.0, 255.0]) / 127.5 - 1
-  np.testing.assert_allclose(np.asarray(inception.quantize_uint8(jnp.asarray(x))), want, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(preprocess.quantize_uint8(jnp.asarray(x))), want, atol=1e-6)
   images = np.random.default_rng(2).uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)
   quantised = np.clip(np.round(127.5 * (images.astype(np.float64) + 1)), 0, 255) / 127.5 - 1
-  got = np.asarray(inception.preprocess(images, size=20))  # default resize='torch'
+  got = np.asarray(preprocess.preprocess(images, size=20))  # default resize='torch'
   np.testing.assert_allclose(got, torch_resize_reference(np.repeat(quantised, 3, -1), 20, 20),
                              atol=2e-6)
 

@@ -34,6 +34,9 @@ def run_main(tmp_path, *overrides, config='configs/demo.py', xla_flags=''):
     ('--config.batch_size=60', 'batch_size=60: must be divisible by the 8 devices'),
     ('--config.ema_reset=sometimes', "ema_reset='sometimes'"),
     ('--config.train_samples=10', 'train_samples=10: too small for 2 phases'),
+    ('--config.model.dtype=float16', "model.dtype='float16': allowed values are 'float32', 'bfloat16'"),
+    ('--config.model.remat=all', "model.remat='all': allowed values are 'none', 'blocks'"),
+    ('--config.teacher_checkpoint=gs://bucket/teacher', 'remote paths are not supported yet'),
 ])
 def test_bad_config_fails_at_start_with_one_line(tmp_path, override, expected):
   # Eight simulated devices, so that the mesh and batch checks have something to check against.
@@ -56,3 +59,11 @@ def test_config_file_and_overrides(tmp_path):
   assert os.path.isdir(tmp_path / 'ema_params')
   assert os.path.exists(tmp_path / 'teacher_4steps.png')
   assert '"ch": 8' in (tmp_path / 'config.json').read_text()
+
+
+def test_remote_workdir_is_refused_not_written_locally(tmp_path):
+  """os.path would turn gs://bucket/run into a local folder 'gs:' that dies with the machine."""
+  proc = run_main('gs://bucket/run')
+  assert proc.returncode == 2
+  assert "workdir='gs://bucket/run': remote paths are not supported yet" in proc.stderr
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))

@@ -157,20 +157,21 @@ def test_end_to_end_chains_teacher_and_distillation(tmp_path):
   assert scored['steps'] == 1 and scored['params'].endswith('phase_1_ema')
   assert abs(scored['rmse_vs_teacher'] - result['rmse_student_vs_teacher']) < 1e-6
   # FID and KID through the paper's protocol, on locally made Inception weights and statistics.
-  from tract_jax.evaluation import convert_inception, fid
+  from tract_jax.evaluation import convert_inception, stats_files
   weights = str(tmp_path / 'inception.npz')
   np.savez(weights, **convert_inception.convert_state_dict(convert_inception.synthetic_state_dict(0)))
   reference = np.random.default_rng(0).standard_normal((16, 2048)).astype(np.float32)
   stats = str(tmp_path / 'stats.npz')
-  fid.save_stats(stats, reference.mean(0), np.cov(reference, rowvar=False), 16, resize='torch',
-                 dataset='digits', split='train', features=reference)
+  stats_files.save_stats(stats, reference.mean(0), np.cov(reference, rowvar=False), 16,
+                         resize='torch', dataset='digits', split='train', features=reference)
   inception_config = config.copy_and_resolve_references()
   inception_config.eval.update(metrics=('fid', 'kid'), fid_samples=8, inception_batch=8,
                                inception_weights=weights,
                                reference_stats=stats, kid_subset_size=8, kid_subsets=4)
   scored = train.train_and_evaluate(inception_config, str(tmp_path))
   assert scored['fid0k'] > 0 and np.isfinite(scored['kid']) and scored['kid_std'] >= 0
-  fid.save_stats(stats, reference.mean(0), np.cov(reference, rowvar=False), 16, resize='tf1')
+  stats_files.save_stats(stats, reference.mean(0), np.cov(reference, rowvar=False), 16,
+                         resize='tf1')
   with pytest.raises(config_checks.ConfigError, match="resize"):
     train.train_and_evaluate(inception_config, str(tmp_path))
 

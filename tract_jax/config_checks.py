@@ -31,9 +31,10 @@ def _check_eval(config):
       if not config.eval[field] or not os.path.exists(os.path.expanduser(config.eval[field])):
         raise ConfigError(f"eval.{field}={config.eval[field]!r}: {inception_metrics[0]!r} in "
                           'eval.metrics needs this file (see README, "FID protocol")')
-    from tract_jax.evaluation import fid  # reads the statistics' record, not the network
-    reference = fid.read_stats(os.path.expanduser(config.eval.reference_stats))
-    fid.check_stats_convention(reference.meta, config.eval.fid_resize, config.eval.reference_stats)
+    from tract_jax.evaluation import stats_files  # the statistics' record, not the network
+    reference = stats_files.read_stats(os.path.expanduser(config.eval.reference_stats))
+    stats_files.check_stats_convention(reference.meta, config.eval.fid_resize,
+                                       config.eval.reference_stats)
     if 'kid' in inception_metrics and reference.features is None:
       raise ConfigError(f'eval.reference_stats={config.eval.reference_stats!r}: holds no reference '
                         "features, which 'kid' needs; remake it with reference_stats --kid_features")
@@ -65,9 +66,18 @@ def _check_training(config):
     raise ConfigError(f'sema={config.sema}: must be in [0, 1)')
   if not 0.0 < tc.ema_decay < 1.0:
     raise ConfigError(f'teacher_training.ema_decay={tc.ema_decay}: must be in (0, 1)')
-  for name in ('checkpoint_every', 'log_every'):
+  for name in ('checkpoint_every', 'log_every', 'preemption_check_every'):
     if int(config[name]) < 1:
       raise ConfigError(f'{name}={config[name]}: must be a positive integer')
+
+
+def check_local_path(field: str, path: str) -> None:
+  """Refuses URLs (gs://, ...): the workdir and artefacts still go through local file APIs, and
+  os.path would turn 'gs://bucket/run' into a local folder named 'gs:' (lost with the machine)."""
+  if path and '://' in str(path):
+    raise ConfigError(f'{field}={path!r}: remote paths are not supported yet (the workdir, '
+                      'checkpoints and outputs are written with local file APIs); use a local or '
+                      'mounted path, e.g. the bucket mounted with gcsfuse on every host')
 
 
 def validate_config(config):
@@ -78,6 +88,9 @@ def validate_config(config):
   _check_eval(config)
   _check_model(config)
   _check_training(config)
+  for field in ('teacher_checkpoint', 'eval.params', 'eval.output', 'eval.inception_weights',
+                'eval.reference_stats'):
+    check_local_path(field, config[field] if '.' not in field else config.eval[field[5:]])
   if config.method == 'teacher':
     if config.teacher_training.train_steps < 1 and config.mode == 'train':
       raise ConfigError(f'teacher_training.train_steps={config.teacher_training.train_steps}: the '

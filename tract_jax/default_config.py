@@ -102,6 +102,7 @@ def get_config():
 
   # ---- checkpoints, evaluation, logging ------------------------------------------------------------
   config.checkpoint_every = 5000   # steps; also saved at every phase end, at the end and on SIGTERM
+  config.preemption_check_every = 10  # multi-host: steps between the hosts' SIGTERM agreements
   config.nonfinite = 'stop'        # non-finite loss/gradients: 'stop' with an error, or 'skip' the update
   config.overwrite = False         # reuse a workdir whose saved config is incompatible (deletes its state)
   config.keep_checkpoints = 2

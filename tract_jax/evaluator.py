@@ -18,6 +18,10 @@ def save_grid(directory: str, name: str, images, labels=None) -> str:
   return path
 
 
+# Generated features KID compares with the reference features (KID uses subsets of 1,000).
+KID_FEATURES = 10_000
+
+
 class Evaluator:
   """Samples from fixed noise (and labels) shared by the teacher and every student, so grids and
   agreement line up; scores them with config.eval.metrics."""
@@ -91,43 +95,69 @@ class Evaluator:
 
   def inception_scores(self, params, num_steps: int) -> Dict[str, float]:
     """FID (and KID) of eval.fid_samples fresh samples against the reference statistics, with the
-    paper's protocol: uint8 quantisation, eval.fid_resize to 299x299, pool3 features."""
-    from tract_jax.evaluation import fid, inception
+    paper's protocol: uint8 quantisation, eval.fid_resize to 299x299, pool3 features.
+
+    Each process scores only the samples its devices made (its rows of every sampling batch); the
+    float64 statistics, and at most KID_FEATURES features for KID, are then combined over processes.
+    """
+    from tract_jax.evaluation import fid, inception, kid, stats_files
     if self._inception is None:
       self._inception = inception.load_inception(self.inception_weights, mesh=self.mesh,
                                                  resize=self.fid_resize,
                                                  batch_size=self.inception_batch)
-      self._reference_stats = fid.read_stats(self.reference_stats)
-      fid.check_stats_convention(self._reference_stats.meta, self.fid_resize, self.reference_stats)
+      self._reference_stats = stats_files.read_stats(self.reference_stats)
+      stats_files.check_stats_convention(self._reference_stats.meta, self.fid_resize,
+                                         self.reference_stats)
     stats = fid.ActivationStats()
-    kept = []  # generated features for KID (samples are i.i.d., any rows do)
-    want_kid = 'kid' in self.metrics
+    kept, kept_index = [], []  # this process's first generated features (and sample numbers) for KID
+    keep = -(-KID_FEATURES // jax.process_count()) if 'kid' in self.metrics else 0
     key = jax.random.PRNGKey(self.seed + 2_000_003)
+    sharding = parallel.batch_sharding(self.mesh)
     for i in range(0, self.fid_samples, self.batch):
       k = jax.random.fold_in(key, i)
       noise = np.asarray(jax.random.normal(k, (self.batch,) + self.noise.shape[1:], jnp.float32))
-      labels = (np.asarray(jax.random.randint(jax.random.fold_in(k, 1), (self.batch,), 0,
-                                              self.num_classes)) if self.num_classes else None)
-      images = self._sample_batch(params, noise, labels, num_steps)
-      features = np.asarray(self._inception(images[:self.fid_samples - i]))
+      labels = (jax.device_put(np.asarray(jax.random.randint(
+          jax.random.fold_in(k, 1), (self.batch,), 0, self.num_classes)), sharding)
+                if self.num_classes else None)
+      images = self.sample(params, jax.device_put(noise, sharding), num_steps, labels)
+      rows, index = parallel.local_rows(images)
+      features = np.asarray(self._inception(rows))  # every process the same count: no early exit
+      wanted = index < self.fid_samples - i  # the last batch may overshoot
+      features, index = features[wanted], index[wanted] + i
       stats.update(features)
-      if want_kid:
-        kept.append(features)
+      if len(kept) < keep:
+        kept.extend(features[:keep - len(kept)])
+        kept_index.extend(index[:keep - len(kept_index)])
+    if jax.process_count() > 1:
+      merged = fid.ActivationStats()
+      for flat in parallel.allgather_float64(stats.to_array()):
+        merged.merge(fid.ActivationStats.from_array(flat))
+      stats = merged
     mu, sigma, _ = stats.finalize()
     reference = self._reference_stats
     out = {}
     if 'fid' in self.metrics:
       out[f'fid{self.fid_samples // 1000}k'] = fid.frechet_distance(mu, sigma, reference.mu,
                                                                      reference.sigma)
-    if want_kid:
-      out['kid'], out['kid_std'] = fid.kid(np.concatenate(kept), reference.features,
-                                           self.kid_subsets, self.kid_subset_size, seed=self.seed)
+    if keep:
+      generated = np.asarray(kept, np.float32).reshape(-1, stats.dim)
+      order = np.asarray(kept_index, np.int32)
+      if jax.process_count() > 1:  # the same count from every process
+        from jax.experimental import multihost_utils
+        counts = multihost_utils.process_allgather(np.asarray([len(generated)], np.int32))
+        n = int(np.min(counts))
+        generated = np.asarray(multihost_utils.process_allgather(generated[:n], tiled=True))
+        order = np.asarray(multihost_utils.process_allgather(order[:n], tiled=True))
+      generated = generated[np.argsort(order, kind='stable')]  # sample order, however many hosts
+      out['kid'], out['kid_std'] = kid.kid(generated, reference.features, self.kid_subsets,
+                                           self.kid_subset_size, seed=self.seed)
     return out
 
   def teacher_reference(self, teacher_params, teacher_steps: int) -> np.ndarray:
     """T-step teacher samples from the fixed noise, cached in the workdir (with their grid)."""
     path = os.path.join(self.workdir, f'teacher_samples_{teacher_steps}.npz')
-    if os.path.exists(path):
+    # Sampling is collective: use the cache only if every process sees it.
+    if not parallel.any_process(not os.path.exists(path)):
       cached = np.load(path)['images']
       if cached.shape == self.noise.shape:
         self.reference = cached

@@ -47,6 +47,11 @@ class StepLoop:
   steps except at `until` (the caller saves there, after writing what belongs to that boundary), and
   on a signal saves and raises Preempted. Skipped non-finite updates are checked (one device sync)
   only at log points and saves: config.nonfinite 'stop' raises NonFiniteError, 'skip' warns.
+
+  With several processes a signal reaches one host at a time, and a host that saved while the others
+  entered the next gradient all-reduce would hang the job. So the hosts agree: every
+  `preemption_check_every` steps (the same steps everywhere) they exchange their signal flags, and if
+  any host was signalled they all save that step and raise Preempted together.
   """
 
   def __init__(self, config, step_fn, mesh, ckpts, writer, *, total: int, images_per_step: int,
@@ -60,6 +65,7 @@ class StepLoop:
     self.scalar_prefix = scalar_prefix
     self.signals = signals
     self.images_per_step = images_per_step
+    self.check_every = 1 if jax.process_count() == 1 else int(config.preemption_check_every)
     self.progress = None
     self.reported = 0  # non-finite updates already warned about
 
@@ -99,11 +105,14 @@ class StepLoop:
     self.ckpts.save(step, state, wait=wait)
 
   def _stop_if_signalled(self, step, state, label):
-    if self.signals.signum is None:
+    if step % self.check_every:
+      return
+    if not parallel.any_process(self.signals.signum is not None):
       return
     self.save(step, state, label, wait=True)
-    raise Preempted(f'signal {self.signals.signum} at step {step}: checkpoint saved in '
-                    f'{self.ckpts.directory}; re-run the same command to resume')
+    where = self.signals.signum if self.signals.signum is not None else 'on another process'
+    raise Preempted(f'signal {where} at step {step}: checkpoint saved in {self.ckpts.directory}; '
+                    're-run the same command to resume')
 
   def check_finite(self, state, where: str):
     """Host-side policy for skipped non-finite updates (a new one since the last check)."""

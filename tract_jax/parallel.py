@@ -39,7 +39,20 @@ def maybe_initialize_distributed(config) -> None:
         kwargs['num_processes'] = int(os.environ['JAX_NUM_PROCESSES'])
       if os.environ.get('JAX_PROCESS_ID'):
         kwargs['process_id'] = int(os.environ['JAX_PROCESS_ID'])
+      if os.environ.get('JAX_PLATFORMS', '').split(',')[0] == 'cpu':
+        # CPU processes (tests, simulated pods) need a collectives library to talk to each other.
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
       jax.distributed.initialize(**kwargs)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on at least one (a barrier: every process must
+  call it at the same point). One process: `flag` itself, no communication."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  flags = multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))
+  return bool(np.max(flags))
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -133,6 +146,39 @@ def to_host(x) -> np.ndarray:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def local_rows(x: jax.Array):
+  """(rows, global row indices) of a batch-sharded array that this process holds, in order."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    array = np.asarray(x)
+    return array, np.arange(len(array))
+  seen, rows, index = set(), [], []
+  for shard in sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0):
+    start = shard.index[0].start or 0
+    if start in seen:  # a replica of rows already taken
+      continue
+    seen.add(start)
+    data = np.asarray(shard.data)
+    rows.append(data)
+    index.append(np.arange(start, start + len(data)))
+  return np.concatenate(rows), np.concatenate(index)
+
+
+def allgather_float64(x) -> np.ndarray:
+  """(num_processes, ...) float64 copies of every process's `x`, exact to about 48 bits.
+
+  Device collectives carry float32 unless x64 is on, so each value travels as a float32 pair
+  (hi, lo = x - hi) and is summed back on the host.
+  """
+  x = np.asarray(x, np.float64)
+  if jax.process_count() == 1:
+    return x[None]
+  from jax.experimental import multihost_utils
+  hi = x.astype(np.float32)
+  lo = (x - hi.astype(np.float64)).astype(np.float32)
+  pair = np.asarray(multihost_utils.process_allgather(np.stack([hi, lo])), np.float64)
+  return pair[:, 0] + pair[:, 1]
 
 
 def describe(mesh: Mesh) -> str:

@@ -144,6 +144,7 @@ def train_distillation(config, workdir: str, plan: phases.PhasePlan, teacher_par
 def train_and_evaluate(config, workdir: str):
   """The whole job the config describes: (teacher training), every distillation phase, evaluation."""
   start = time.time()
+  config_checks.check_local_path('workdir', workdir)
   plan = config_checks.validate_config(config)               # validate
   parallel.use_compilation_cache(config.get('compilation_cache_dir', ''))
   parallel.maybe_initialize_distributed(config)               # mesh

@@ -1,8 +1,9 @@
 """Evaluation: FID (statistics, Frechet distance, 1/N extrapolation), the FID Inception-v3 network,
 and the offline digits metric.
 
-  fid.py               ActivationStats, stats_from_features, frechet_distance, save/read/load_stats
-                       (with the resize convention they were made with), fid_vs_n, kid
+  fid.py               ActivationStats, stats_from_features, frechet_distance, fid_vs_n
+  stats_files.py       save/read/load_stats (recording the resize convention they were made with)
+  kid.py               kid (kernel inception distance)
   inception.py         FIDInceptionV3 (Flax), InceptionFeatures, load_inception
   convert_inception.py pytorch-fid .pth -> our .npz (command; PyTorch only there)
   reference_stats.py   training-set statistics (command)
@@ -15,9 +16,9 @@ import importlib
 
 _EXPORTS = {
     'ActivationStats': 'fid', 'FidVsN': 'fid', 'fid_vs_n': 'fid', 'fit_inverse_n': 'fid',
-    'frechet_distance': 'fid', 'load_stats': 'fid', 'save_stats': 'fid',
-    'stats_from_features': 'fid', 'kid': 'fid', 'read_stats': 'fid', 'ReferenceStats': 'fid',
-    'check_stats_convention': 'fid',
+    'frechet_distance': 'fid', 'load_stats': 'stats_files', 'save_stats': 'stats_files',
+    'stats_from_features': 'fid', 'read_stats': 'stats_files',
+    'ReferenceStats': 'stats_files', 'check_stats_convention': 'stats_files',
     'FIDInceptionV3': 'inception', 'InceptionFeatures': 'inception', 'load_inception': 'inception',
     'DigitsMetric': 'digits_metric', 'teacher_agreement_rmse': 'digits_metric',
 }

@@ -1,4 +1,4 @@
-"""Frechet distance between feature statistics (FID), the statistics themselves and their files.
+"""Frechet distance between feature statistics (FID) and the streaming statistics themselves.
 
 The protocol of the paper's code (spec section 8): features of N generated images against the
 TRAINING-set statistics (mean and full covariance), Frechet distance
@@ -6,10 +6,7 @@ TRAINING-set statistics (mean and full covariance), Frechet distance
 with the matrix square root from `scipy.linalg.sqrtm` (1e-6 added to both diagonals when the product
 is singular). Everything here is NumPy float64 on the host; only the features come from a device.
 
-Statistics files record how they were made (the resize convention of the features, the number of
-images, the dataset and split) and optionally keep a random subset of the features for KID
-(`kid`, the unbiased polynomial-kernel MMD^2 over subsets). `load_stats(path, resize=...)` refuses a
-file made with another resize convention than the evaluation's.
+Statistics files are read and written by `stats_files`; KID is in `kid`.
 
 FID at finite N is biased upward by a term close to k / N (the sample mean and covariance of N
 features are noisy, and noise can only add distance). Published numbers are FID@50k; `fid_vs_n`
@@ -18,15 +15,10 @@ our own estimate (after Chong & Forsyth, "Effectively Unbiased FID and Inception
 a number the official code reports: compare published tables with FID@50k only.
 """
 import dataclasses
-import io
-import json
-from typing import Any, Dict, Optional, Sequence, Tuple
-import warnings
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.linalg
-
-from tract_jax.errors import ConfigError
 
 
 class ActivationStats:
@@ -95,6 +87,24 @@ class ActivationStats:
     self._sum += other._sum + other.n * d
     self.n += other.n
     return self
+
+  def to_array(self) -> np.ndarray:
+    """The accumulator as one float64 vector [n, shift, sum, outer] (to send to other hosts)."""
+    if self.n == 0:
+      raise ValueError('no features accumulated')
+    return np.concatenate([[float(self.n)], self._shift, self._sum, self._outer.ravel()])
+
+  @classmethod
+  def from_array(cls, flat) -> 'ActivationStats':
+    """Inverse of `to_array`."""
+    flat = np.asarray(flat, np.float64)
+    dim = int(round((-2 + np.sqrt(4 + 4 * (len(flat) - 1))) / 2))  # 1 + 2 D + D^2 entries
+    stats = cls(dim)
+    stats.n = int(round(flat[0]))
+    stats._shift = flat[1:1 + dim].copy()
+    stats._sum = flat[1 + dim:1 + 2 * dim].copy()
+    stats._outer = flat[1 + 2 * dim:].reshape(dim, dim).copy()
+    return stats
 
   def mean(self) -> np.ndarray:
     """(D,) float64 mean of all features seen."""
@@ -167,206 +177,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
       raise ValueError(f'matrix square root has an imaginary component of {imag:.3g}')
     covmean = covmean.real
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Statistics files.
-# ---------------------------------------------------------------------------------------------------
-STATS_FORMAT_VERSION = 1
-
-
-@dataclasses.dataclass
-class ReferenceStats:
-  """The contents of a statistics file.
-
-  Attributes:
-    mu: (D,) float64 mean.
-    sigma: (D, D) float64 covariance (divides by n - 1).
-    n: number of images the statistics were computed over (0 if an old file did not say).
-    meta: what the file records about how it was made: 'resize' ('torch' / 'tf1'), 'num_images',
-      'dataset', 'split', 'quantize', 'input_size', 'inception_weights', 'kid_features',
-      'format_version' (only those given when it was written; {} for files written before
-      tract_jax recorded them).
-    features: optional (K, D) float32 features of K images drawn uniformly at random (without
-      replacement) from the N, for KID (`kid`); None if the file has none.
-  """
-  mu: np.ndarray
-  sigma: np.ndarray
-  n: int
-  meta: Dict[str, Any]
-  features: Optional[np.ndarray] = None
-
-
-def _read_bytes(path: str) -> bytes:
-  if '://' in str(path):
-    from etils import epath  # pylint: disable=g-import-not-at-top  (gs:// and other remote paths)
-    return epath.Path(path).read_bytes()
-  with open(path, 'rb') as f:
-    return f.read()
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-  if '://' in str(path):
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    epath.Path(path).write_bytes(data)
-    return
-  with open(path, 'wb') as f:
-    f.write(data)
-
-
-def save_stats(path: str, mu, sigma, n: int, *, resize: Optional[str] = None,
-               dataset: Optional[str] = None, split: Optional[str] = None, features=None,
-               meta: Optional[Dict[str, Any]] = None) -> None:
-  """Writes statistics to an .npz (local or gs:// path).
-
-  Keys: mu (D,) and sigma (D, D) float64, n (scalar), meta (a JSON string: resize, num_images,
-  dataset, split and the entries of `meta`), and features (K, D) float32 if given.
-
-  Args:
-    path: file to write.
-    mu: (D,) mean.
-    sigma: (D, D) covariance.
-    n: number of images behind mu and sigma.
-    resize: the resize convention of the features ('torch' or 'tf1'); scoring with another
-      convention is refused by `load_stats(..., resize=...)`. None records 'unknown' (a warning
-      when the file is used).
-    dataset: dataset name, e.g. 'cifar10'.
-    split: split, e.g. 'train'.
-    features: optional (K, D) features of a uniformly random subset of the images, kept for KID.
-    meta: further JSON-serialisable entries (e.g. 'inception_weights', 'quantize', 'input_size').
-  """
-  mu = np.asarray(mu, np.float64)
-  sigma = np.asarray(sigma, np.float64)
-  record = {'format_version': STATS_FORMAT_VERSION, 'resize': resize, 'num_images': int(n),
-            'dataset': dataset, 'split': split}
-  record.update(meta or {})
-  arrays = {'mu': mu, 'sigma': sigma, 'n': np.asarray(int(n), np.int64)}
-  if features is not None:
-    features = np.asarray(features, np.float32)
-    if features.ndim != 2 or features.shape[1] != mu.shape[0]:
-      raise ValueError(f'features must be (K, {mu.shape[0]}), got shape {features.shape}')
-    arrays['features'] = features
-    record['kid_features'] = len(features)
-  arrays['meta'] = np.asarray(json.dumps(record, sort_keys=True))
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  _write_bytes(path, buffer.getvalue())
-
-
-def read_stats(path: str) -> ReferenceStats:
-  """Reads a `save_stats` file (also old ones with only mu, sigma and maybe n) into a
-  `ReferenceStats`."""
-  with np.load(io.BytesIO(_read_bytes(path))) as f:
-    mu, sigma = f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
-    n = int(f['n']) if 'n' in f.files else 0
-    meta = json.loads(str(f['meta'])) if 'meta' in f.files else {}
-    features = np.asarray(f['features'], np.float32) if 'features' in f.files else None
-  if sigma.shape != mu.shape * 2:
-    raise ValueError(f'{path}: sigma shape {sigma.shape} does not match mu shape {mu.shape}')
-  return ReferenceStats(mu=mu, sigma=sigma, n=n, meta=meta, features=features)
-
-
-def check_stats_convention(stats_meta: Dict[str, Any], resize: str, path: str = '') -> None:
-  """Refuses reference statistics made with another resize convention than the evaluation's.
-
-  Args:
-    stats_meta: `ReferenceStats.meta` of the reference file.
-    resize: the convention the generated images' features are computed with (eval.fid_resize).
-    path: the file, for the messages.
-
-  Raises:
-    ConfigError: (one line) the file records a different convention. Files that record none
-      (written before tract_jax recorded it) are accepted with a warning.
-  """
-  recorded = (stats_meta or {}).get('resize')
-  where = f' {path}' if path else ''
-  if recorded is None:
-    warnings.warn(f'reference statistics{where} do not record their resize convention (an older '
-                  f'file): assuming eval.fid_resize={resize!r}; remake them with python -m '
-                  f'tract_jax.evaluation.reference_stats to record it', stacklevel=2)
-    return
-  if recorded != resize:
-    raise ConfigError(f'eval.fid_resize={resize!r} but the reference statistics{where} were made '
-                      f'with resize={recorded!r}: FIDs across conventions are not comparable; set '
-                      f'eval.fid_resize={recorded!r} or remake the statistics with '
-                      f'--resize={resize}')
-
-
-def load_stats(path: str, resize: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray, int]:
-  """Reads `save_stats` files: returns (mu (D,), sigma (D, D), n).
-
-  Args:
-    path: the file (local or gs://).
-    resize: if given, the evaluation's resize convention: `check_stats_convention` refuses a file
-      made with another one (ConfigError) and warns on a file that records none.
-  """
-  stats = read_stats(path)
-  if resize is not None:
-    check_stats_convention(stats.meta, resize, path)
-  return stats.mu, stats.sigma, stats.n
-
-
-# ---------------------------------------------------------------------------------------------------
-# Kernel inception distance.
-# ---------------------------------------------------------------------------------------------------
-def polynomial_mmd2_unbiased(x, y) -> float:
-  """Unbiased MMD^2 between two equal-size samples with the kernel k(a, b) = (a.b / d + 1)^3.
-
-    MMD^2 = sum_{i != j} [k(x_i, x_j) + k(y_i, y_j)] / (m (m - 1)) - 2 sum_{i, j} k(x_i, y_j) / m^2
-
-  Args:
-    x: (m, d) features, m >= 2.
-    y: (m, d) features.
-
-  Returns:
-    The estimate (float64 arithmetic); it can be slightly negative.
-  """
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  m, d = x.shape
-  if y.shape != x.shape or m < 2:
-    raise ValueError(f'need two (m, d) samples of the same shape with m >= 2, got {x.shape} and '
-                     f'{y.shape}')
-  k_xx = (x @ x.T / d + 1.0) ** 3
-  k_yy = (y @ y.T / d + 1.0) ** 3
-  k_xy = (x @ y.T / d + 1.0) ** 3
-  within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
-  return float(within - 2.0 * k_xy.sum() / (m * m))
-
-
-def kid(feats_a, feats_b, num_subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> Tuple[float, float]:
-  """Kernel inception distance (Binkowski et al. 2018), as the standard implementations compute it.
-
-  Over `num_subsets` subsets, each draws m = min(subset_size, N_a, N_b) rows of each set without
-  replacement (np.random.default_rng(seed): rows of a, then rows of b, subset after subset) and
-  takes `polynomial_mmd2_unbiased`; returns the mean and the standard deviation (ddof 0) over the
-  subsets. Values are in the units of the features' kernel (often reported x 1e3).
-
-  Args:
-    feats_a: (N_a, D) features, e.g. of generated images.
-    feats_b: (N_b, D) features, e.g. the reference file's `ReferenceStats.features`.
-    num_subsets: number of subsets (100 by default).
-    subset_size: rows per subset and set (1000 by default), clipped to min(N_a, N_b).
-    seed: seed of the subset draws (deterministic results).
-
-  Returns:
-    (mean, std) of MMD^2 over the subsets, Python floats.
-  """
-  feats_a, feats_b = np.asarray(feats_a), np.asarray(feats_b)
-  if feats_a.ndim != 2 or feats_b.ndim != 2 or feats_a.shape[1] != feats_b.shape[1]:
-    raise ValueError(f'features must be (N, D) with the same D, got {feats_a.shape} and '
-                     f'{feats_b.shape}')
-  m = min(int(subset_size), len(feats_a), len(feats_b))
-  if m < 2 or num_subsets < 1:
-    raise ValueError(f'KID needs at least 2 rows per set and 1 subset, got subset size {m}, '
-                     f'{num_subsets} subsets')
-  rng = np.random.default_rng(seed)
-  values = []
-  for _ in range(num_subsets):
-    rows_a = rng.choice(len(feats_a), m, replace=False)
-    rows_b = rng.choice(len(feats_b), m, replace=False)
-    values.append(polynomial_mmd2_unbiased(feats_a[rows_a], feats_b[rows_b]))
-  return float(np.mean(values)), float(np.std(values))
 
 
 # ---------------------------------------------------------------------------------------------------

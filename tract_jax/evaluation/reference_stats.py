@@ -18,7 +18,7 @@ the whole training set. Measured on one H200 (jax 0.11.2, precision HIGHEST, bat
 Images come from `tract_jax.data.load_source` (the training split, no flips), in [-1, 1]; grey
 images are repeated to 3 channels; the feature pipeline is `inception.InceptionFeatures` (quantise to
 uint8 levels, resize to 299x299 with --resize, default 'torch' = the paper's code). The batch is
-split over all local devices; run it in a single process. The output is a `fid.save_stats` file:
+split over all local devices; run it in a single process. The output is a `stats_files.save_stats` file:
 mu (2048,), sigma (2048, 2048), n, the record {resize, num_images, dataset, split, quantize,
 input_size, inception_weights, kid_features}, and the features of --kid_features images (default
 10,000, a uniformly random subset, 82 MB in float32; 0 to leave them out) for KID.
@@ -29,6 +29,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 
 from tract_jax.evaluation import fid as fid_lib
+from tract_jax.evaluation import stats_files
 
 DEFAULT_KID_FEATURES = 10_000
 
@@ -114,11 +115,11 @@ def main(argv=None):
   stats, kept = dataset_stats(source, features, batch_size, args.max_images,
                               keep_features=args.kid_features, seed=args.seed)
   mu, sigma, count = stats.finalize()
-  fid_lib.save_stats(args.output, mu, sigma, count, resize=args.resize, dataset=args.dataset,
-                     split='train', features=kept,
-                     meta={'quantize': True, 'input_size': inception.INPUT_SIZE,
-                           'inception_weights': os.path.basename(args.inception),
-                           'subset_seed': args.seed if n < len(source) else None})
+  stats_files.save_stats(args.output, mu, sigma, count, resize=args.resize,
+                         dataset=args.dataset, split='train', features=kept,
+                         meta={'quantize': True, 'input_size': inception.INPUT_SIZE,
+                               'inception_weights': os.path.basename(args.inception),
+                               'subset_seed': args.seed if n < len(source) else None})
   print(f'wrote {args.output}: n={count}, |mu|={np.linalg.norm(mu):.4f}, '
         f'tr(sigma)={np.trace(sigma):.4f}, {0 if kept is None else len(kept)} KID features')
 
