@@ -14,7 +14,7 @@ import pytest
 
 from conftest import tiny_config
 from tract_jax import checkpoints, state as state_lib, steps, train
-from tract_jax.errors import ConfigError, NonFiniteError
+from tract_jax.errors import ConfigError, NonFiniteError, Preempted
 from tract_jax.models import factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,3 +203,47 @@ def test_incompatible_workdir_is_refused_unless_overwrite(tmp_path, capsys):
   config.overwrite = True
   train.train_and_evaluate(config, workdir)
   assert 'deleting the previous run' in capsys.readouterr().out
+
+
+class _Recorder:
+  """Stands in for the checkpoint manager and the metric writer: records what the loop saves."""
+  directory = '/nowhere'
+
+  def __init__(self):
+    self.saved = []
+
+  def save(self, step, state, wait=False):
+    self.saved.append(step)
+
+  def latest_step(self):
+    return self.saved[-1] if self.saved else None
+
+  def scalars(self, step, values):
+    pass
+
+
+def test_signal_in_a_phase_last_update_waits_for_the_phase_end_save():
+  """SIGTERM during the last update of a phase: run() returns normally (the caller writes the
+  phase's artefact and saves), and the next run() saves and raises Preempted before any update."""
+  from tract_jax import loop
+  config = tiny_config(log_every=100, checkpoint_every=100)
+  signals = loop.SignalFlag()
+  recorder = _Recorder()
+
+  def step_fn(state, batch):
+    if int(state.step) == 3:
+      signals.signum = 15  # arrives while the phase's last update (4 of 4) runs
+    return state.replace(step=state.step + 1), {'loss': jax.numpy.zeros(())}
+
+  state = _small_state()
+  steps_loop = loop.StepLoop(config, step_fn, jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(
+      1, 1), ('data', 'fsdp')), recorder, recorder, total=8, images_per_step=8, scalar_prefix='t',
+      signals=signals)
+  batches = iter((s, {'image': np.zeros((8, 8, 8, 1), np.float32), 'label': np.zeros(8, np.int32)})
+                 for s in range(8))
+  state = steps_loop.run(state, batches, until=4, label='phase 0')
+  assert int(state.step) == 4 and recorder.saved == []
+  steps_loop.save(4, state, 'phase 0')  # the caller's phase-end save, after the artefact
+  with pytest.raises(Preempted, match='signal 15 at step 4'):
+    steps_loop.run(state, batches, until=8, label='phase 1')
+  assert recorder.saved == [4, 4]  # saved again (a no-op for Orbax), nothing past the boundary

@@ -97,7 +97,9 @@ class StepLoop:
         on_eval(step, state)
       if step % config.checkpoint_every == 0:
         self.save(step, state, label)
-    self._stop_if_signalled(step, state, label)
+    # A signal that arrived during the last update is handled at the start of the next run(), after
+    # the caller has written what belongs to this boundary (a phase's artefact) and saved: saving
+    # here would mark the phase done without its artefact.
     return state
 
   def save(self, step: int, state, label: str, wait: bool = False):
