@@ -148,6 +148,13 @@ def to_host(x) -> np.ndarray:
   return np.asarray(x)
 
 
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def local_rows(x: jax.Array):
   """(rows, global row indices) of a batch-sharded array that this process holds, in order."""
   if not isinstance(x, jax.Array) or x.is_fully_addressable:

@@ -160,8 +160,9 @@ def train_and_evaluate(config, workdir: str):
                         source.image_shape, workdir, mesh)
   if config.mode != 'train':
     return evaluate_or_sample(config, workdir, plan, source.image_shape, mesh, evaluator)
-  protect(config, workdir)
+  protect(config, workdir)  # process 0 may delete an incompatible run (overwrite=True) ...
   record_config(config, workdir)
+  parallel.barrier('workdir ready')  # ... before any host reads the workdir
 
   if config.method == 'teacher' or not config.teacher_checkpoint:   # teacher: train or load
     if config.method != 'teacher':
