@@ -7,7 +7,6 @@ deterministic flips, errors re-raised, one run with a worker process.
 Nothing here may reach a real download (one stalls about 205 s on this machine): every TFDS test
 runs with download_and_prepare and the download manager patched to fail. No JAX compile.
 """
-import io
 import os
 import sys
 import time
@@ -357,37 +356,12 @@ def test_unknown_tfds_name(no_download):
 
 
 def write_array_record_dataset(data_dir, tfds_name, images, labels):
-  """Writes a prepared TFDS train split the way download_and_prepare(file_format='array_record')
-  lays it out (PNG-encoded tf.train.Example records + metadata), without TensorFlow."""
-  from array_record.python import array_record_module
-  from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
-
-  builder = tfds.builder(tfds_name, data_dir=data_dir, file_format='array_record')
-  path = os.fspath(builder.data_path)
-  os.makedirs(path, exist_ok=True)
-  writer = array_record_module.ArrayRecordWriter(
-      os.path.join(path, f'{builder.name}-train.array_record-00000-of-00001'), 'group_size:1')
-  num_bytes = 0
-  for i, (image, label) in enumerate(zip(images, labels)):
-    png = io.BytesIO()
-    Image.fromarray(image).save(png, format='PNG')
-    feature = {'image': tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(
-                   value=[png.getvalue()])),
-               'label': tf_feature_pb2.Feature(int64_list=tf_feature_pb2.Int64List(
-                   value=[int(label)]))}
-    if 'id' in builder.info.features:
-      feature['id'] = tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(
-          value=[f'train_{i}'.encode()]))
-    record = tf_example_pb2.Example(
-        features=tf_feature_pb2.Features(feature=feature)).SerializeToString()
-    num_bytes += len(record)
-    writer.write(record)
-  writer.close()
-  template = tfds.core.ShardedFileTemplate(data_dir=path, dataset_name=builder.name, split='train',
-                                           filetype_suffix='array_record')
-  builder.info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
-      name='train', shard_lengths=[len(images)], num_bytes=num_bytes, filename_template=template)]))
-  builder.info.write_to_directory(path)
+  """A prepared TFDS train split as download_and_prepare(file_format='array_record') lays it out,
+  written without TensorFlow (the same writer benchmarks/input_pipeline.py uses)."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  'benchmarks'))
+  import input_pipeline  # noqa: E402  (benchmarks/input_pipeline.py)
+  input_pipeline.write_tfds_split(str(data_dir), tfds_name, images, labels)
 
 
 @pytest.mark.parametrize('name,shape,labels', [('cifar10', (32, 32, 3), [3, 0, 9, 1, 5]),

@@ -247,3 +247,20 @@ def test_signal_in_a_phase_last_update_waits_for_the_phase_end_save():
   with pytest.raises(Preempted, match='signal 15 at step 4'):
     steps_loop.run(state, batches, until=8, label='phase 1')
   assert recorder.saved == [4, 4]  # saved again (a no-op for Orbax), nothing past the boundary
+
+
+def test_workdir_of_an_older_version_without_new_fields_is_not_refused(tmp_path):
+  """A config.json written before a field existed (here data.image_size) resumes; a real change of
+  a recorded field is still refused."""
+  import json
+  from tract_jax import workdir as workdirs
+  config = tiny_config('teacher')
+  saved = json.loads(config.to_json_best_effort())
+  del saved['data']['image_size']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  workdirs.protect(config, str(tmp_path))  # no error
+  config.data.image_size = 16
+  workdirs.protect(config, str(tmp_path))  # still absent from the record: not compared
+  config.seed = 7
+  with pytest.raises(ConfigError, match='seed: 0 -> 7'):
+    workdirs.protect(config, str(tmp_path))

@@ -25,9 +25,12 @@ COMPUTE_FIELDS = ('dtype', 'teacher_dtype', 'remat', 'conv_impl')
 ARTEFACTS = ('checkpoints', 'teacher', 'ema_params', 'result.json', 'summary.jsonl', 'tensorboard')
 
 
+_ABSENT = object()
+
+
 def _get(tree, dotted):
   for key in dotted.split('.'):
-    tree = tree.get(key) if isinstance(tree, dict) else None
+    tree = tree.get(key, _ABSENT) if isinstance(tree, dict) else _ABSENT
   return tree
 
 
@@ -43,8 +46,10 @@ def protect(config, workdir: str) -> None:
   for record in (saved, current):
     for key in COMPUTE_FIELDS:
       record.get('model', {}).pop(key, None)
+  # A field an older version did not record (e.g. data.image_size) is not a difference.
   changed = [f'{k}: {json.dumps(_get(saved, k))} -> {json.dumps(_get(current, k))}'
-             for k in RUN_FIELDS if _get(saved, k) != _get(current, k)]
+             for k in RUN_FIELDS
+             if _get(saved, k) is not _ABSENT and _get(saved, k) != _get(current, k)]
   if not changed:
     return
   if not config.overwrite:
