@@ -41,9 +41,17 @@ setup(
     extras_require={
         # The notebook test runs notebooks/ with nbclient (tested: nbclient 0.11.0, ipykernel 7.4.0,
         # nbformat 5.11.1).
-        'test': ['pytest>=8,<10', 'nbclient>=0.10,<0.12', 'ipykernel>=6.29,<8', 'nbformat>=5.10,<6'],
+        # tests/test_gcs.py runs gs:// jobs against gcp-storage-emulator (tested: 2026.7.19, gcsfs
+        # 2026.10.1 with fsspec 2026.9.0); without them those tests are skipped.
+        # benchmarks/quality_sweep.py draws its plot with matplotlib (tested: 3.11.2).
+        'test': ['pytest>=8,<10', 'nbclient>=0.10,<0.12', 'ipykernel>=6.29,<8', 'nbformat>=5.10,<6',
+                 'gcp-storage-emulator>=2026.7.19,<2027', 'gcsfs>=2026.10.1,<2027',
+                 'matplotlib>=3.9,<4'],
+        'bench': ['matplotlib>=3.9,<4'],
+        # gs:// paths (workdir, teacher, outputs, TFDS data_dir) through etils.epath; TPU VMs get it.
+        'gcs': ['gcsfs>=2026.10.1,<2027'],
         'cuda': ['jax[cuda12]' + JAX_RANGE],   # the H200 runs used an image with jax 0.11.2 preinstalled
-        'tpu': ['jax[tpu]' + JAX_RANGE],
+        'tpu': ['jax[tpu]' + JAX_RANGE, 'gcsfs>=2026.10.1,<2027'],
     },
     license='Apache-2.0',
 )

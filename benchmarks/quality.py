@@ -14,7 +14,8 @@ demo's 76,800 = 1,200 steps of batch 64), split equally between its phases:
   tract 64,8,2    TRACT, two phases, 2-step student
   btd ->2         BTD, 64,32,16,8,4,2 (5 phases), 2-step student
 
-(64 is config.teacher_steps; the intermediate TRACT stage is always 8 steps.) Every final student,
+(64 is config.teacher_steps, or --teacher_steps; the intermediate TRACT stage is --intermediate, by
+default sqrt(T): 8 for 64, 32 for 1024 as in the paper's 1024,32,1). Every final student,
 the teacher at 64 steps and the undistilled teacher at 1 and 2 steps sample the same fixed noise
 (--num_samples images); for each the table gives the offline FID (evaluation.digits_metric: an
 Inception-free Frechet distance on the digits, lower is better; a random real subset of the same size
@@ -51,6 +52,7 @@ from tract_jax import checkpoints, config_checks, data, parallel, phases, train,
 from tract_jax.errors import ConfigError  # noqa: E402
 from tract_jax.evaluator import Evaluator  # noqa: E402
 from tract_jax.models import factory  # noqa: E402
+from tract_jax.evaluation import kid  # noqa: E402
 from tract_jax.evaluation.digits_metric import DigitsMetric, teacher_agreement_rmse  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -74,25 +76,36 @@ if __name__ == '__main__':
   flags.DEFINE_integer('teacher_train_steps', None, 'Teacher training steps (default: '
                        'config.teacher_training.train_steps).')
   flags.DEFINE_list('methods', None, 'Subset of the method keys to run (default: all): '
-                    'tract_T-8-1, tract_T-1, btd_1, tract_T-8-2, btd_2 with T the teacher steps.')
+                    'tract_T-I-1, tract_T-1, btd_1, tract_T-I-2, btd_2 with T the teacher steps '
+                    'and I the intermediate steps.')
+  flags.DEFINE_integer('teacher_steps', None, 'Teacher DDIM steps T (default: config.teacher_steps).')
+  flags.DEFINE_integer('intermediate', None, 'Student steps of the first TRACT phase (default '
+                       'sqrt(T) for T = 4^k, else 8).')
   flags.DEFINE_string('compile_cache', None, 'JAX persistent compilation cache (default '
                       'WORKDIR/jax_cache, so that a re-run compiles less; "none" to disable).')
   flags.DEFINE_bool('quick', False, f'Smoke test: {QUICK_TEACHER_STEPS} teacher steps, '
                     f'{QUICK_UPDATES} updates per method, {QUICK_SAMPLES} samples.')
 
 
-def method_specs(teacher_steps: int):
+def default_intermediate(teacher_steps: int) -> int:
+  """The first TRACT phase's student: sqrt(T) when T is an even power of two (64 -> 8, as the demo;
+  1024 -> 32, as the paper's CIFAR-10 schedule), else 8."""
+  root = int(round(int(teacher_steps) ** 0.5))
+  return root if root * root == int(teacher_steps) and root > 1 else INTERMEDIATE_STEPS
+
+
+def method_specs(teacher_steps: int, intermediate: int = None):
   """[(key, label, method, schedule)] in table order; schedules are tuples of step counts."""
   T = int(teacher_steps)
-  if T <= INTERMEDIATE_STEPS or T % INTERMEDIATE_STEPS:
-    raise ConfigError(f'teacher_steps={T}: the quality benchmark distils through '
-                             f'{INTERMEDIATE_STEPS} steps, so it needs a multiple of '
-                             f'{INTERMEDIATE_STEPS} above it (e.g. 64)')
+  I = default_intermediate(T) if intermediate is None else int(intermediate)
+  if I < 2 or T <= I or T % I:
+    raise ConfigError(f'teacher_steps={T}: the quality benchmark distils through {I} steps, so it '
+                      f'needs a multiple of {I} above it (e.g. 64 with 8, 1024 with 32)')
   return [
-      (f'tract_{T}-8-1', f'TRACT {T},8,1', 'tract', (T, INTERMEDIATE_STEPS, 1)),
+      (f'tract_{T}-{I}-1', f'TRACT {T},{I},1', 'tract', (T, I, 1)),
       (f'tract_{T}-1', f'TRACT {T},1', 'tract', (T, 1)),
       ('btd_1', f'BTD {T}..1', 'btd', phases.btd_schedule(T, 1)),
-      (f'tract_{T}-8-2', f'TRACT {T},8,2', 'tract', (T, INTERMEDIATE_STEPS, 2)),
+      (f'tract_{T}-{I}-2', f'TRACT {T},{I},2', 'tract', (T, I, 2)),
       ('btd_2', f'BTD {T}..2', 'btd', phases.btd_schedule(T, 2)),
   ]
 
@@ -101,17 +114,17 @@ def schedule_text(schedule):
   return ','.join(str(s) for s in schedule)
 
 
-def make_plans(config, budget: int, keys=None):
+def make_plans(config, budget: int, keys=None, intermediate: int = None):
   """{key: (label, PhasePlan)} for every method, all with the same total sample budget."""
   plans = {}
-  for key, label, method, schedule in method_specs(config.teacher_steps):
+  for key, label, method, schedule in method_specs(config.teacher_steps, intermediate):
     if keys and key not in keys:
       continue
     plans[key] = (label, phases.make_plan(method, config.teacher_steps, schedule_text(schedule),
                                           budget, config.batch_size, config.ema_residual))
   unknown = set(keys or ()) - set(plans)
   if unknown:
-    known = [s[0] for s in method_specs(config.teacher_steps)]
+    known = [s[0] for s in method_specs(config.teacher_steps, intermediate)]
     raise ConfigError(f'--methods: unknown {sorted(unknown)}; known: {", ".join(known)}')
   return plans
 
@@ -139,8 +152,10 @@ def get_teacher(config, workdir, teacher_path, source, mesh, log=print):
   return params, teacher_dir
 
 
-def distill(config, run_dir, plan, teacher_params, teacher_path, source, mesh):
-  """One distillation run; returns (final student's evaluation-EMA params, wall seconds)."""
+def distill(config, run_dir, plan, teacher_params, teacher_path, source, mesh, evaluator=None):
+  """One distillation run; returns (final student's evaluation-EMA params, wall seconds).
+
+  evaluator: the one scoring the phase ends (default: one built from the config, in run_dir)."""
   run_config = copy.deepcopy(config)
   run_config.method = plan.method
   run_config.time_schedule = schedule_text(plan.schedule)
@@ -148,7 +163,8 @@ def distill(config, run_dir, plan, teacher_params, teacher_path, source, mesh):
   run_config.teacher_checkpoint = teacher_path  # recorded, so another teacher is not resumed
   _write_config(run_config, run_dir)
   start = time.time()
-  state = train.train_distillation(run_config, run_dir, plan, teacher_params, source, mesh)
+  state = train.train_distillation(run_config, run_dir, plan, teacher_params, source, mesh,
+                                   evaluator)
   return state.ema_params, time.time() - start
 
 
@@ -158,10 +174,19 @@ def real_subset(source, n: int, seed: int = 0) -> np.ndarray:
   return source.get(np.sort(indices))['image']
 
 
-def score(metric, images, reference):
-  return {'fid': float(metric.fid(images)),
-          'rmse_vs_teacher': (None if reference is None
-                              else float(teacher_agreement_rmse(images, reference)))}
+KID_SUBSETS = 100
+
+
+def score(metric, images, reference, data_features=None):
+  """FID (digits features), KID against data_features (if given; 100 subsets of the sample
+  count, less biased than FID at a few hundred samples) and RMSE against the reference."""
+  out = {'fid': float(metric.fid(images)),
+         'rmse_vs_teacher': (None if reference is None
+                             else float(teacher_agreement_rmse(images, reference)))}
+  if data_features is not None:
+    mean, std = kid.kid(metric.features(images), data_features, KID_SUBSETS, len(images))
+    out['kid'], out['kid_std'] = mean, std
+  return out
 
 
 def side_by_side(path, image_sets, per_set: int = GRID_IMAGES, ncol: int = 8, scale: int = 3):
@@ -177,7 +202,7 @@ def side_by_side(path, image_sets, per_set: int = GRID_IMAGES, ncol: int = 8, sc
 
 def format_table(result):
   header = (f'{"row":<30} {"sampling":>8} {"train steps":>11} {"samples":>8} {"train s":>8} '
-            f'{"FID":>8} {"RMSE vs T-step":>14}')
+            f'{"FID":>8} {"KID":>8} {"RMSE vs T-step":>14}')
   lines = [header, '-' * len(header)]
   for r in result['rows']:
     steps = '' if r['sampling_steps'] is None else str(r['sampling_steps'])
@@ -185,26 +210,22 @@ def format_table(result):
     samples = '' if r.get('train_samples') is None else f'{r["train_samples"]:,}'
     seconds = '' if r.get('train_s') is None else f'{r["train_s"]:.0f}'
     rmse = '' if r['rmse_vs_teacher'] is None else f'{r["rmse_vs_teacher"]:.4f}'
+    kid_text = '' if r.get('kid') is None else f'{r["kid"]:.3f}'
     lines.append(f'{r["name"]:<30} {steps:>8} {train_steps:>11} {samples:>8} {seconds:>8} '
-                 f'{r["fid"]:8.3f} {rmse:>14}')
-  lines.append(f'{result["num_samples"]} samples per row from the same noise; FID: digits feature '
-               f'network (lower is better); RMSE against the teacher\'s {result["teacher_steps"]}-step '
+                 f'{r["fid"]:8.3f} {kid_text:>8} {rmse:>14}')
+  lines.append(f'{result["num_samples"]} samples per row from the same noise; FID and KID: digits '
+               f'feature network (lower is better); RMSE against the teacher\'s {result["teacher_steps"]}-step '
                f'samples; budget {result["budget"]:,} training samples per method (batch '
                f'{result["batch"]}); grid (left to right = table order without the real row): '
                f'{result["grid"]}')
   return '\n'.join(lines)
 
 
-def run_quality(config, workdir, *, budget, num_samples, teacher_path=None, keys=None, log=print):
-  """The whole benchmark; returns the JSON-ready result (also written to workdir/quality.json)."""
-  start = time.time()
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+def setup(config, num_samples: int):
+  """(digits source, mesh, sampling batch) after the checks every quality run shares."""
   if config.data.name != 'digits':
-    raise ConfigError(f'data.name={config.data.name!r}: the quality benchmark scores with the '
-                             "embedded digits' feature network, so it needs 'digits'")
-  T = int(config.teacher_steps)
-  plans = make_plans(config, budget, keys)
+    raise ConfigError(f'data.name={config.data.name!r}: the quality benchmarks score with the '
+                      "embedded digits' feature network, so they need 'digits'")
   source = data.load_digits()
   config_checks.check_image_shape(config, source.image_shape)
   mesh = parallel.mesh_from_config(config)
@@ -213,6 +234,18 @@ def run_quality(config, workdir, *, budget, num_samples, teacher_path=None, keys
   if num_samples % sample_batch or num_samples < 2:
     raise ConfigError(f'--num_samples={num_samples}: use at most 256 or a multiple of 256')
   parallel.check_batch(sample_batch, mesh, '--num_samples')
+  return source, mesh, sample_batch
+
+
+def run_quality(config, workdir, *, budget, num_samples, teacher_path=None, keys=None,
+                intermediate=None, log=print):
+  """The whole benchmark; returns the JSON-ready result (also written to workdir/quality.json)."""
+  start = time.time()
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  T = int(config.teacher_steps)
+  plans = make_plans(config, budget, keys, intermediate)
+  source, mesh, sample_batch = setup(config, num_samples)
   log(f'{parallel.describe(mesh)}; budget {budget:,} samples per method; {num_samples} samples')
 
   teacher, teacher_source = get_teacher(config, workdir, teacher_path, source, mesh, log)
@@ -222,11 +255,12 @@ def run_quality(config, workdir, *, budget, num_samples, teacher_path=None, keys
   denoise = factory.make_denoiser(factory.build_model(config.model), config.model.mean_type)
   evaluator = Evaluator(eval_config, denoise, source.image_shape, workdir, mesh)
   metric = DigitsMetric()
+  data_features = metric.features(source.get(np.arange(len(source)))['image'])
 
   rows, grid_sets = [], []
 
   def add(name, images, reference, **extra):
-    row = {'name': name, **extra, **score(metric, images, reference)}
+    row = {'name': name, **extra, **score(metric, images, reference, data_features)}
     rows.append(row)
     log(f'  {name}: FID {row["fid"]:.3f}' + ('' if row['rmse_vs_teacher'] is None
                                              else f', RMSE {row["rmse_vs_teacher"]:.4f}'))
@@ -275,6 +309,8 @@ def main(argv):
   cache = FLAGS.compile_cache or os.path.join(workdir, 'jax_cache')
   if cache != 'none' and not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', cache)
+  if FLAGS.teacher_steps:
+    config.teacher_steps = FLAGS.teacher_steps
   teacher_steps = FLAGS.teacher_train_steps or (QUICK_TEACHER_STEPS if quick else None)
   if teacher_steps:
     config.teacher_training.train_steps = teacher_steps
@@ -286,7 +322,8 @@ def main(argv):
     config.log_every = max(1, QUICK_UPDATES // 2)
   try:
     result = run_quality(config, workdir, budget=budget, num_samples=num_samples,
-                         teacher_path=FLAGS.teacher, keys=FLAGS.methods)
+                         teacher_path=FLAGS.teacher, keys=FLAGS.methods,
+                         intermediate=FLAGS.intermediate)
   except ConfigError as e:
     print(f'Configuration error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -2,7 +2,8 @@
 # Runs a tract_jax job on a Cloud TPU VM (one host, or every host of a multi-host slice).
 #
 #   launch/tpu_vm.sh --name tract-v4 --zone us-central2-b --accelerator v4-8 \
-#       --config configs/cifar10_tract.py --workdir /mnt/MY_BUCKET/runs/cifar10 \
+#       --config configs/cifar10_tract.py --workdir gs://MY_BUCKET/runs/cifar10 \
+#       --teacher gs://MY_BUCKET/teachers/cifar10 --data-dir gs://MY_BUCKET/tensorflow_datasets \
 #       [-- --config.batch_size=256 ...]
 #
 # Options:
@@ -15,8 +16,13 @@
 #   --spot                 spot capacity (cheaper, preemptible)
 #   --config FILE          job config, relative to the repository root                 (required)
 #   --workdir DIR          checkpoints, samples, logs: a path every worker shares that    (required)
-#                          outlives the VM, e.g. a bucket mounted with gcsfuse (see Resuming);
-#                          tract_jax refuses gs:// paths until it supports them
+#                          outlives the VM: gs://BUCKET/... (read and written by every worker
+#                          through gcsfs and Orbax; see Resuming)
+#   --teacher PATH         --config.teacher_checkpoint: the teacher every worker reads, e.g.
+#                          gs://BUCKET/teachers/cifar10 (what import_teacher wrote); default: the
+#                          config's (empty: the job trains a teacher first, in the workdir)
+#   --data-dir PATH        --config.data.data_dir: the prepared TFDS data (array_record) every
+#                          worker reads, e.g. gs://BUCKET/tensorflow_datasets; default: the config's
 #   --copy                 ship this checkout to every worker (default): the files git lists,
 #                          tracked and untracked-but-not-ignored
 #   --repo URL [--branch B]  clone URL on every worker instead
@@ -33,9 +39,8 @@
 #
 # Resuming after preemption: run the same command again. It recreates the VM if needed, installs,
 # and the job resumes from the latest Orbax checkpoint in --workdir (which is why the workdir must
-# be on a bucket mounted on every worker: the VM's disk goes with the VM, and the hosts of a slice
-# must share it). A finished
-# job restarted this way finds its checkpoints and only redoes what is missing.
+# be in a bucket: the VM's disk goes with the VM, and the hosts of a slice must share it). A
+# finished job restarted this way finds its checkpoints and only redoes what is missing.
 #
 # Follow:  gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=0 --command='tail -f ~/tract_jax_run.log'
 # Delete:  gcloud compute tpus tpu-vm delete NAME --zone=ZONE   (queued: gcloud compute tpus
@@ -53,6 +58,7 @@ die() {
 
 name='' zone='' project='' accelerator='v4-8' version='tpu-ubuntu2204-base'
 queued=0 spot=0 config='' workdir='' repo='' branch='' copy=0 dry_run=0 python='python3.11'
+teacher='' data_dir=''
 overrides=()
 
 while (($#)); do
@@ -61,7 +67,7 @@ while (($#)); do
   fi
   case $1 in
     --name | --zone | --project | --accelerator | --version | --config | --workdir | --repo | \
-      --branch | --python)
+      --branch | --python | --teacher | --data-dir)
       [[ $# -ge 2 && $2 != --* ]] || die "$1 needs a value"
       case $1 in
         --name) name=$2 ;;
@@ -74,6 +80,8 @@ while (($#)); do
         --repo) repo=$2 ;;
         --branch) branch=$2 ;;
         --python) python=$2 ;;
+        --teacher) teacher=$2 ;;
+        --data-dir) data_dir=$2 ;;
       esac
       shift 2
       ;;
@@ -90,19 +98,22 @@ done
 [[ -n $name ]] || die '--name is required'
 [[ -n $zone ]] || die '--zone is required'
 [[ -n $config ]] || die '--config is required (e.g. configs/cifar10_tract.py)'
-[[ -n $workdir ]] || die '--workdir is required (e.g. /mnt/MY_BUCKET/runs/cifar10, a gcsfuse mount)'
+[[ -n $workdir ]] || die '--workdir is required (e.g. gs://MY_BUCKET/runs/cifar10)'
 if ((copy)) && [[ -n $repo ]]; then
   die 'give --copy or --repo URL, not both'
 fi
 [[ -z $branch || -n $repo ]] || die '--branch needs --repo'
 [[ -n $repo ]] || copy=1
-if [[ $workdir == gs://* ]]; then
-  echo "tpu_vm.sh: warning: tract_jax does not take gs:// workdirs yet (it stops at start-up):" \
-    'mount the bucket with gcsfuse at the same path on every worker and pass that path.' >&2
-elif [[ $workdir != /mnt/* && $workdir != /gcs/* ]]; then
+if [[ $workdir != gs://* && $workdir != /mnt/* && $workdir != /gcs/* ]]; then
   echo "tpu_vm.sh: warning: --workdir $workdir must be shared by every worker and outlive the VM" \
-    '(a gcsfuse mount of a bucket), or a preempted job cannot resume.' >&2
+    '(gs://BUCKET/...), or a preempted job cannot resume.' >&2
 fi
+for shared in "$teacher" "$data_dir"; do
+  if [[ -n $shared && $shared != gs://* ]]; then
+    echo "tpu_vm.sh: warning: $shared must exist at that path on every worker (gs://BUCKET/... is" \
+      'read by all of them).' >&2
+  fi
+done
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if ((copy)) && [[ ! -f $root/$config ]]; then
@@ -245,7 +256,10 @@ cd tract_jax && ../tract_venv/bin/pip install -q -e \".[tpu]\""
 # Only the python process goes to the background, with every descriptor redirected, so that ssh
 # returns at once; setsid + nohup keep it alive when the session ends. (setsid and nohup exec, so
 # $! is the python process.)
-job=(-m tract_jax.main --config="$config" --workdir="$workdir" "${overrides[@]}")
+job=(-m tract_jax.main --config="$config" --workdir="$workdir")
+[[ -z $teacher ]] || job+=(--config.teacher_checkpoint="$teacher")
+[[ -z $data_dir ]] || job+=(--config.data.data_dir="$data_dir")
+job+=("${overrides[@]}")
 job_line="\"\$HOME/tract_venv/bin/python\" $(show "${job[@]}")"
 on_all_workers "cd \"\$HOME/tract_jax\" && echo \"=== \$(date -u): \$(hostname) starts\" >> \"$log\" \
 && { setsid nohup $job_line >> \"$log\" 2>&1 < /dev/null & } && pid=\$! && sleep 5 \

@@ -15,6 +15,7 @@ BENCHMARKS = os.path.join(ROOT, 'benchmarks')
 sys.path.insert(0, BENCHMARKS)
 
 import quality  # noqa: E402  (benchmarks/quality.py)
+import quality_sweep  # noqa: E402  (benchmarks/quality_sweep.py)
 import throughput  # noqa: E402  (benchmarks/throughput.py)
 from tract_jax.models import factory  # noqa: E402
 from tract_jax.models.unet import count_params  # noqa: E402
@@ -158,6 +159,8 @@ def test_quality_plans_share_the_budget(tiny):
     quality.make_plans(config, budget, ['tract_64-8-3'])
   with pytest.raises(quality.phases.ConfigError, match='teacher_steps=8'):
     quality.method_specs(8)
+  # The paper's regime: T = 1024 goes through 32 steps (1024,32,1), like the CIFAR-10 schedule.
+  assert [spec[3] for spec in quality.method_specs(1024)][::3] == [(1024, 32, 1), (1024, 32, 2)]
 
 
 def test_quality_grid_and_table(tmp_path):
@@ -186,7 +189,7 @@ def test_quality_pipeline_one_method(tmp_path, tiny):
                    'eval.num_samples': 8, 'eval.sample_batch': 8, 'model.ch': 8, 'model.emb_ch': 16,
                    'model.ch_mult': (1,), 'model.num_groups': 4})
   kwargs = dict(budget=2 * 2 * config.batch_size, num_samples=16, keys=['tract_16-8-1'],
-                log=lambda *a: None)
+                intermediate=8, log=lambda *a: None)
   result = quality.run_quality(config, str(tmp_path), **kwargs)
   names = [r['name'] for r in result['rows']]
   assert names == ['teacher 16 steps', 'teacher 1 step (undistilled)',
@@ -195,6 +198,7 @@ def test_quality_pipeline_one_method(tmp_path, tiny):
   assert rows['teacher 16 steps']['rmse_vs_teacher'] == 0.0
   assert rows['TRACT 16,8,1']['train_samples'] == 32 and rows['TRACT 16,8,1']['sampling_steps'] == 1
   assert all(np.isfinite(r['fid']) for r in result['rows'])
+  assert all(np.isfinite(r['kid']) for r in result['rows'])
   assert os.path.exists(tmp_path / 'quality_grid.png')
   assert json.loads((tmp_path / 'quality.json').read_text())['rows'] == result['rows']
   again = quality.run_quality(config, str(tmp_path), **kwargs)
@@ -202,3 +206,33 @@ def test_quality_pipeline_one_method(tmp_path, tiny):
   # Another budget in the same run directory is refused instead of resumed.
   with pytest.raises(quality.phases.ConfigError, match='train_samples'):
     quality.run_quality(config, str(tmp_path), **dict(kwargs, budget=4 * 2 * config.batch_size))
+
+  # The budget sweep over the same tiny run (the compiled step is shared): two seeds of one budget,
+  # rows on disk, a re-run that skips them, the table and the plot.
+  sweep_dir = str(tmp_path / 'sweep')
+  sweep = dict(teacher_path=str(tmp_path / 'teacher' / 'ema_params'), budgets=['32'], seeds=2,
+               multi_seed_budgets=1, keys=['tract_16-8-1'], intermediate=8, num_samples=16,
+               log=lambda *a: None)
+  assert quality_sweep.run_sweep(config, sweep_dir, **sweep) == 2
+  assert quality_sweep.run_sweep(config, sweep_dir, **sweep) == 0
+  _, sweep_rows = quality_sweep.load_rows(sweep_dir)
+  assert sorted((r['budget'], r['seed']) for r in sweep_rows) == [(32, 0), (32, 1)]
+  assert all(np.isfinite([r['fid'], r['kid'], r['rmse_vs_teacher']]).all() for r in sweep_rows)
+  table = quality_sweep.collect(sweep_dir, log=lambda *a: None)
+  assert '| TRACT 16,8,1 | 1 |' in table and '(n=2)' in table and 'teacher, undistilled' in table
+  assert os.path.getsize(os.path.join(sweep_dir, 'quality_sweep.png')) > 10_000
+
+
+def test_quality_sweep_aggregates_seeds_and_orders_runs():
+  assert quality_sweep.run_list(['153600', '38400', '614400'], 2, 2) == [
+      (38400, 0), (38400, 1), (153600, 0), (153600, 1), (614400, 0)]
+  base = {'label': 'BTD 16..1', 'key': 'btd_1', 'method': 'btd', 'schedule': [16, 8, 4, 2, 1],
+          'sampling_steps': 1}
+  rows = [dict(base, budget=64, seed=s, fid=f, kid=k, rmse_vs_teacher=r)
+          for s, (f, k, r) in enumerate([(4.0, 0.5, 0.1), (6.0, 0.7, 0.3)])]
+  agg = quality_sweep.aggregate(rows)
+  (budget, stats, n), = agg['btd_1']['points']
+  assert (budget, n) == (64, 2)
+  assert stats['fid'] == (5.0, 4.0, 6.0) and stats['rmse_vs_teacher'][0] == pytest.approx(0.2)
+  with pytest.raises(quality.phases.ConfigError, match='budgets'):
+    quality_sweep.run_list(['0'], 1, 1)

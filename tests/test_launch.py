@@ -80,6 +80,21 @@ def test_tpu_dry_run(env, tmp_path):
   assert not (tmp_path / 'gcloud_called').exists()
 
 
+def test_tpu_dry_run_teacher_and_data_on_gs(env, tmp_path):
+  """--teacher and --data-dir become the job's teacher_checkpoint and data.data_dir on every worker,
+  before the user's overrides; gs:// paths raise no warning."""
+  result = launch(TPU, '--name', 'n', '--zone', 'z', '--config', 'configs/cifar10_tract.py',
+                  '--workdir', 'gs://b/runs/c10', '--teacher', 'gs://b/teachers/cifar10',
+                  '--data-dir=gs://b/tensorflow_datasets', '--dry-run', '--', *OVERRIDES, env=env)
+  start = remote_command(commands(result.stdout)[7])
+  argv = shlex.split(start.split('nohup ', 1)[1].split(' >>', 1)[0])
+  assert argv[1:] == ['-m', 'tract_jax.main', '--config=configs/cifar10_tract.py',
+                      '--workdir=gs://b/runs/c10', '--config.teacher_checkpoint=gs://b/teachers/cifar10',
+                      '--config.data.data_dir=gs://b/tensorflow_datasets', *OVERRIDES]
+  assert 'warning' not in result.stderr
+  assert not (tmp_path / 'gcloud_called').exists()
+
+
 def test_tpu_dry_run_queued_repo(env, tmp_path):
   out = launch(TPU, '--name', 'q1', '--zone', 'europe-west4-a', '--project', 'proj', '--queued',
                '--repo', 'https://github.com/me/tract_jax.git', '--branch', 'dev', '--config',

@@ -3,8 +3,6 @@ import glob
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -12,33 +10,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import tiny_config
+from conftest import (run_tiny_job, sigterm_mid_phase, start_tiny_job, tiny_config,
+                      tiny_job_final_state)
 from tract_jax import checkpoints, state as state_lib, steps, train
 from tract_jax.errors import ConfigError, NonFiniteError, Preempted
 from tract_jax.models import factory
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOTAL = 12  # distillation steps of tests/tiny_job.py
-
-
-def start_job(workdir):
-  cmd = [sys.executable, '-m', 'tract_jax.main', '--config=tests/tiny_job.py', f'--workdir={workdir}']
-  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1'))
-
-
-def run_job(workdir, timeout=300):
-  proc = start_job(workdir)
-  out, _ = proc.communicate(timeout=timeout)
-  return proc.returncode, out
-
-
-def final_state(workdir):
-  """Every array of the last train state and of the final student artefact, as numpy."""
-  with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(os.path.join(workdir, 'checkpoints', str(TOTAL), 'default'))
-    student = ckptr.restore(os.path.join(workdir, 'phase_1_ema'))
-  return [np.asarray(x) for x in jax.tree.leaves(state)] + [np.asarray(x) for x in jax.tree.leaves(student)]
+start_job = start_tiny_job
+run_job = run_tiny_job
+final_state = tiny_job_final_state
 
 
 def latest_step(workdir):
@@ -47,12 +27,9 @@ def latest_step(workdir):
   return max(steps) if steps else None
 
 
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
-  code, out = run_job(workdir)
-  assert code == 0, out[-3000:]
-  return final_state(workdir)
+@pytest.fixture
+def reference(tiny_job_reference):
+  return tiny_job_reference  # one uninterrupted run per session (conftest), shared with test_gcs
 
 
 def _same(a, b):
@@ -95,15 +72,8 @@ def test_sigkill_at_three_random_moments_then_resume_exactly(reference, tmp_path
 def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path):
   workdir = str(tmp_path)
   proc = start_job(workdir)
-  lines = []
-  for line in proc.stdout:  # wait until distillation runs, then ask it to stop
-    lines.append(line)
-    if line.startswith('[tract phase 0') and 'step 3/' in line:
-      proc.send_signal(signal.SIGTERM)
-      break
-  out = ''.join(lines) + proc.stdout.read()
-  proc.wait(timeout=120)
-  assert proc.returncode == 75, out[-3000:]
+  returncode, out = sigterm_mid_phase(proc)
+  assert returncode == 75, out[-3000:]
   message = [l for l in out.splitlines() if l.startswith('Interrupted: signal 15 at step')]
   assert message and 're-run the same command to resume' in message[0], out[-2000:]
   stopped_at = int(message[0].split('at step ')[1].split(':')[0])
@@ -257,10 +227,17 @@ def test_workdir_of_an_older_version_without_new_fields_is_not_refused(tmp_path)
   config = tiny_config('teacher')
   saved = json.loads(config.to_json_best_effort())
   del saved['data']['image_size']
+  del saved['optimizer']['warmup_samples']   # nested in a whole-dict field: compared leaf by leaf
+  del saved['model']['edm']
   (tmp_path / 'config.json').write_text(json.dumps(saved))
   workdirs.protect(config, str(tmp_path))  # no error
   config.data.image_size = 16
+  config.optimizer.warmup_samples = 1000
   workdirs.protect(config, str(tmp_path))  # still absent from the record: not compared
+  config.optimizer.learning_rate = 0.5
+  with pytest.raises(ConfigError, match=r'optimizer.learning_rate: [0-9.e-]+ -> 0.5'):
+    workdirs.protect(config, str(tmp_path))
+  config.optimizer.learning_rate = saved['optimizer']['learning_rate']
   config.seed = 7
   with pytest.raises(ConfigError, match='seed: 0 -> 7'):
     workdirs.protect(config, str(tmp_path))

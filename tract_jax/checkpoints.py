@@ -1,20 +1,21 @@
 """Orbax checkpoints: resumable train states and named parameter artefacts.
 
-Layout of a workdir:
+Layout of a workdir (a local folder or gs://...; see paths.py):
   checkpoints/<step>/     full train states (CheckpointManager; atomic: Orbax writes a temporary
-                          folder and renames it when complete, so a crash never leaves a half
-                          checkpoint that looks finished)
+                          folder and renames it when complete, in a bucket it writes
+                          commit_success.txt last, so a crash never leaves a half checkpoint that
+                          looks finished)
   ema_params/             teacher job: the final evaluation-EMA parameters
   phase_<k>_ema/          distillation: phase k's final evaluation EMA (an S_{k+1}-step student)
   teacher/                a teacher trained by the same command (a teacher-job workdir)
 """
-import os
 import re
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
+from tract_jax import paths
 from tract_jax.errors import CheckpointError, ConfigError
 
 _PHASE_DIR = re.compile(r'^phase_(\d+)_ema$')
@@ -25,53 +26,61 @@ def abstract_like(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def save_params(path: str, params) -> None:
-  """Writes a parameter pytree as a standalone Orbax checkpoint (overwriting an older one)."""
-  path = os.path.abspath(path)
+def save_params(path, params) -> None:
+  """Writes a parameter pytree as a standalone Orbax checkpoint (overwriting an older one); `path`
+  local or gs://."""
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, params, force=True)
+    ckptr.save(paths.resolve(path), params, force=True)
     ckptr.wait_until_finished()
 
 
-def resolve_params_path(path: str) -> str:
+def is_complete(path) -> bool:
+  """A finished Orbax checkpoint directory: locally one renamed from its temporary name, in a
+  bucket one holding commit_success.txt (a crash during a save leaves neither)."""
+  path = paths.resolve(path)
+  return path.is_dir() and bool(ocp.path.step.is_path_finalized(path))
+
+
+def resolve_params_path(path) -> str:
   """Accepts a params checkpoint or a teacher-job workdir (then its ema_params/)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(os.path.join(path, 'ema_params')):
-    return os.path.join(path, 'ema_params')
-  return path
+  path = paths.resolve(path)
+  if (path / 'ema_params').is_dir():
+    return str(path / 'ema_params')
+  return str(path)
 
 
-def phase_dirs(workdir: str) -> Dict[int, str]:
+def phase_dirs(workdir) -> Dict[int, str]:
   """{k: workdir/phase_<k>_ema} for every finished phase of a distillation workdir."""
-  if not os.path.isdir(workdir):
+  workdir = paths.resolve(workdir)
+  if not workdir.is_dir():
     return {}
   out = {}
-  for name in os.listdir(workdir):
-    m = _PHASE_DIR.match(name)
-    if m and os.path.isdir(os.path.join(workdir, name)):
-      out[int(m.group(1))] = os.path.join(workdir, name)
+  for entry in workdir.iterdir():
+    m = _PHASE_DIR.match(entry.name)
+    if m and is_complete(entry):
+      out[int(m.group(1))] = str(entry)
   return out
 
 
-def newest_params(path: str) -> Tuple[str, str, Optional[int]]:
+def newest_params(path) -> Tuple[str, str, Optional[int]]:
   """(params checkpoint, kind, phase) for a workdir or a params checkpoint.
 
   kind is 'student' (phase k's evaluation EMA: the newest phase of a distillation workdir, or a
   phase_<k>_ema directory), 'teacher' (a teacher job's ema_params, also the teacher/ a distillation
   job trained) or 'checkpoint' (any other params directory; phase None unless a student).
   """
-  path = os.path.abspath(os.path.expanduser(path))
+  path = paths.resolve(path)
   phases_done = phase_dirs(path)
   if phases_done:
     k = max(phases_done)
     return phases_done[k], 'student', k
-  for teacher in (os.path.join(path, 'ema_params'), os.path.join(path, 'teacher', 'ema_params')):
-    if os.path.isdir(teacher):
-      return teacher, 'teacher', None
-  m = _PHASE_DIR.match(os.path.basename(path))
+  for teacher in (path / 'ema_params', path / 'teacher' / 'ema_params'):
+    if teacher.is_dir():
+      return str(teacher), 'teacher', None
+  m = _PHASE_DIR.match(path.name)
   if m:
-    return path, 'student', int(m.group(1))
-  return path, 'teacher' if os.path.basename(path) == 'ema_params' else 'checkpoint', None
+    return str(path), 'student', int(m.group(1))
+  return str(path), 'teacher' if path.name == 'ema_params' else 'checkpoint', None
 
 
 def load_params(path: str, like=None, field: str = 'teacher_checkpoint'):
@@ -80,14 +89,17 @@ def load_params(path: str, like=None, field: str = 'teacher_checkpoint'):
   like: a pytree of arrays or ShapeDtypeStructs giving the expected structure, shapes and shardings.
   """
   path = resolve_params_path(path)
-  if not os.path.isdir(path):
+  if not paths.resolve(path).is_dir():
     raise ConfigError(f'{field}={path!r}: no such checkpoint directory (expected an Orbax params '
                       'checkpoint or a teacher workdir containing ema_params/)')
+  if not is_complete(path):
+    raise ConfigError(f'{field}={path!r}: an unfinished checkpoint (a save was interrupted: no '
+                      'commit_success.txt); re-run the job that writes it')
   with ocp.StandardCheckpointer() as ckptr:
     if like is None:
-      return ckptr.restore(path)
+      return ckptr.restore(paths.resolve(path))
     try:
-      restored = ckptr.restore(path, abstract_like(like))
+      restored = ckptr.restore(paths.resolve(path), abstract_like(like))
     except (ValueError, KeyError, TypeError) as e:
       raise ConfigError(f'{field}={path!r}: the checkpoint does not match the configured model '
                         f'({type(e).__name__}: {str(e)[:500]})') from None
@@ -105,10 +117,10 @@ class StateCheckpoints:
   """A CheckpointManager for the full train state; use as a context manager so that async saves are
   always finished before the interpreter exits."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory, max_to_keep: int = 2):
+    self.directory = str(paths.resolve(directory))
     self.manager = ocp.CheckpointManager(
-        self.directory,
+        paths.resolve(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=True))
 

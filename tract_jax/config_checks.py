@@ -1,14 +1,13 @@
 """Every start-up check: a bad value stops the job before anything compiles, with one line that names
 the field, the value and what is allowed (ConfigError, exit code 2 from main.py)."""
-import os
-
-from tract_jax import checkpoints, data, diffusion, methods, parallel, phases
+from tract_jax import checkpoints, data, diffusion, methods, parallel, paths, phases
 from tract_jax.errors import ConfigError
 
 __all__ = ['ConfigError', 'validate_config', 'check_image_shape', 'check_device_sizes', 'METHODS',
            'MODES', 'METRICS']
 
-METHODS = ('teacher', 'tract', 'btd')
+METHODS = ('teacher', 'tract', 'btd', 'tract_edm')
+PARAMETRISATIONS = ('ddim', 'edm')
 MODES = ('train', 'evaluate', 'sample')
 METRICS = ('agreement', 'digits_fid', 'fid', 'kid')
 
@@ -28,11 +27,11 @@ def _check_eval(config):
   if inception_metrics:
     _choice('eval.fid_resize', config.eval.fid_resize, ('torch', 'tf1'))
     for field in ('inception_weights', 'reference_stats'):
-      if not config.eval[field] or not os.path.exists(os.path.expanduser(config.eval[field])):
+      if not config.eval[field] or not paths.resolve(config.eval[field]).exists():
         raise ConfigError(f"eval.{field}={config.eval[field]!r}: {inception_metrics[0]!r} in "
                           'eval.metrics needs this file (see README, "FID protocol")')
     from tract_jax.evaluation import stats_files  # the statistics' record, not the network
-    reference = stats_files.read_stats(os.path.expanduser(config.eval.reference_stats))
+    reference = stats_files.read_stats(str(paths.resolve(config.eval.reference_stats)))
     stats_files.check_stats_convention(reference.meta, config.eval.fid_resize,
                                        config.eval.reference_stats)
     if 'kid' in inception_metrics and reference.features is None:
@@ -42,7 +41,35 @@ def _check_eval(config):
     raise ConfigError(f'eval_every={config.eval_every}: must be >= 0 (0 = only at phase ends)')
 
 
+def _check_arch(config):
+  """model.arch and, for EDM's networks, the model.edm fields (models/edm_networks.py)."""
+  from tract_jax.models import edm_networks, factory
+  arch = config.model.get('arch', 'ddpm')
+  _choice('model.arch', arch, factory.ARCHS)
+  if arch == 'ddpm':
+    return
+  edm = config.model.edm
+  if config.model.conv_impl != 'xla':
+    raise ConfigError(f'model.conv_impl={config.model.conv_impl!r}: only the ddpm UNet has the '
+                      f"im2col convolution; model.arch={arch!r} needs 'xla'")
+  for field in ('model_channels', 'channel_mult_emb', 'num_blocks', 'channel_mult_noise'):
+    if int(edm[field]) < 1:
+      raise ConfigError(f'model.edm.{field}={edm[field]}: must be a positive integer')
+  if not edm.channel_mult or min(edm.channel_mult) < 1:
+    raise ConfigError(f'model.edm.channel_mult={tuple(edm.channel_mult)}: one positive multiplier '
+                      'per resolution')
+  if edm.augment_dim < 0:
+    raise ConfigError(f'model.edm.augment_dim={edm.augment_dim}: must be >= 0')
+  if arch == 'edm_song':
+    _choice('model.edm.embedding_type', edm.embedding_type, edm_networks.EMBEDDING_TYPES)
+    _choice('model.edm.encoder_type', edm.encoder_type, edm_networks.ENCODER_TYPES)
+    if not edm.resample_filter or sum(edm.resample_filter) <= 0:
+      raise ConfigError(f'model.edm.resample_filter={tuple(edm.resample_filter)}: the 1-D taps of '
+                        'the resampling filter, with a positive sum')
+
+
 def _check_model(config):
+  _check_arch(config)
   _choice('model.mean_type', config.model.mean_type, diffusion.MEAN_TYPES)
   _choice('model.conv_impl', config.model.conv_impl, ('xla', 'im2col'))
   _choice('model.dtype', config.model.dtype, ('float32', 'bfloat16'))
@@ -71,13 +98,39 @@ def _check_training(config):
       raise ConfigError(f'{name}={config[name]}: must be a positive integer')
 
 
-def check_local_path(field: str, path: str) -> None:
-  """Refuses URLs (gs://, ...): the workdir and artefacts still go through local file APIs, and
-  os.path would turn 'gs://bucket/run' into a local folder named 'gs:' (lost with the machine)."""
-  if path and '://' in str(path):
-    raise ConfigError(f'{field}={path!r}: remote paths are not supported yet (the workdir, '
-                      'checkpoints and outputs are written with local file APIs); use a local or '
-                      'mounted path, e.g. the bucket mounted with gcsfuse on every host')
+def _check_parametrisation(config):
+  """EDM teachers (TRACT_EDM.md) go with method 'teacher' or 'tract_edm'; the DDIM ones with the rest."""
+  param = config.get('parametrisation', 'ddim')
+  _choice('parametrisation', param, PARAMETRISATIONS)
+  if config.method == 'tract_edm' and param != 'edm':
+    raise ConfigError(f"parametrisation={param!r}: method 'tract_edm' distils EDM teachers; set "
+                      "parametrisation='edm'")
+  if param == 'edm' and config.method not in ('teacher', 'tract_edm'):
+    raise ConfigError(f"parametrisation='edm': allowed with method 'teacher' or 'tract_edm', not "
+                      f'{config.method!r}')
+  if not 0.0 <= config.get('student_dropout', 0.0) < 1.0:
+    raise ConfigError(f'student_dropout={config.student_dropout}: must be in [0, 1)')
+  if config.get('student_dropout', 0.0) > 0 and config.method != 'tract_edm':
+    raise ConfigError(f'student_dropout={config.student_dropout}: only method tract_edm has it '
+                      '(TRACT and BTD distil with dropout 0)')
+  warmup_samples = config.optimizer.get('warmup_samples', 0)
+  if warmup_samples < 0 or (warmup_samples > 0 and config.method != 'tract_edm'):
+    raise ConfigError(f'optimizer.warmup_samples={warmup_samples}: must be >= 0, and > 0 only '
+                      'with method tract_edm (the others count optimizer.warmup_steps)')
+  if config.method == 'tract_edm' and config.optimizer.warmup_steps:
+    raise ConfigError(f'optimizer.warmup_steps={config.optimizer.warmup_steps}: tract_edm counts '
+                      'its warm-up in training samples; set optimizer.warmup_samples instead')
+  if param != 'edm':
+    return
+  if config.model.mean_type != 'x':
+    raise ConfigError(f"model.mean_type={config.model.mean_type!r}: with parametrisation='edm' the "
+                      "network output is EDM's preconditioned F; leave mean_type='x'")
+  if config.teacher_steps < 2:
+    raise ConfigError(f'teacher_steps={config.teacher_steps}: the EDM noise grid needs at least 2 '
+                      'steps (the release uses 40)')
+  if config.mode != 'train' and config.eval.steps and config.teacher_steps % config.eval.steps:
+    raise ConfigError(f'eval.steps={config.eval.steps}: the EDM sampler steps on the '
+                      f'teacher_steps={config.teacher_steps} grid, so it must divide it')
 
 
 def validate_config(config):
@@ -85,12 +138,15 @@ def validate_config(config):
   _choice('method', config.method, METHODS)
   _choice('mode', config.mode, MODES)
   data.check_name(config.data.name)
+  # Local or gs:// (paths.py): refused here only if no installed package can reach the scheme.
+  for field in ('teacher_checkpoint', 'eval.params', 'eval.output', 'eval.inception_weights',
+                'eval.reference_stats', 'data.data_dir'):
+    section, _, name = field.rpartition('.')
+    paths.check(field, (config[section] if section else config).get(name, ''))
   _check_eval(config)
   _check_model(config)
   _check_training(config)
-  for field in ('teacher_checkpoint', 'eval.params', 'eval.output', 'eval.inception_weights',
-                'eval.reference_stats'):
-    check_local_path(field, config[field] if '.' not in field else config.eval[field[5:]])
+  _check_parametrisation(config)
   if config.method == 'teacher':
     if config.teacher_training.train_steps < 1 and config.mode == 'train':
       raise ConfigError(f'teacher_training.train_steps={config.teacher_training.train_steps}: the '
@@ -100,8 +156,8 @@ def validate_config(config):
     if not config.teacher_checkpoint and config.teacher_training.train_steps < 1:
       raise ConfigError("teacher_checkpoint='': give a teacher checkpoint, or set "
                         'teacher_training.train_steps > 0 to train a teacher first')
-    if config.teacher_checkpoint and not os.path.isdir(
-        checkpoints.resolve_params_path(config.teacher_checkpoint)):
+    if config.teacher_checkpoint and not paths.resolve(
+        checkpoints.resolve_params_path(config.teacher_checkpoint)).is_dir():
       raise ConfigError(f'teacher_checkpoint={config.teacher_checkpoint!r}: no such checkpoint '
                         'directory')
   return phases.make_plan(config.method, config.teacher_steps, config.time_schedule,
@@ -111,11 +167,13 @@ def validate_config(config):
 def check_image_shape(config, image_shape):
   """The UNet halves the resolution len(ch_mult) - 1 times; the channels must match the output."""
   h, w, c = image_shape
-  levels = len(config.model.ch_mult) - 1
+  field, ch_mult = 'model.ch_mult', tuple(config.model.ch_mult)
+  if config.model.get('arch', 'ddpm') != 'ddpm':
+    field, ch_mult = 'model.edm.channel_mult', tuple(config.model.edm.channel_mult)
+  levels = len(ch_mult) - 1
   if h != w or h % (2 ** levels):
-    raise ConfigError(f'model.ch_mult={tuple(config.model.ch_mult)}: {len(config.model.ch_mult)} '
-                      f'levels need square images whose side is divisible by {2 ** levels}; the '
-                      f'data has {h}x{w}')
+    raise ConfigError(f'{field}={ch_mult}: {len(ch_mult)} levels need square images whose side is '
+                      f'divisible by {2 ** levels}; the data has {h}x{w}')
   expected = 2 * c if config.model.mean_type == 'both' else c
   if config.model.out_ch != expected:
     raise ConfigError(f'model.out_ch={config.model.out_ch}: mean_type {config.model.mean_type!r} '

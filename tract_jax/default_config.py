@@ -20,7 +20,10 @@ def sibling(config_file: str, name: str):
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.method = 'tract'          # 'teacher', 'tract' or 'btd'
+  config.method = 'tract'          # 'teacher', 'tract', 'btd' or 'tract_edm' (EDM teachers)
+  # 'ddim': the variance-preserving cosine schedule of TRACT.md (methods teacher, tract, btd);
+  # 'edm': EDM's sigma grid and preconditioning of TRACT_EDM.md (methods teacher, tract_edm).
+  config.parametrisation = 'ddim'
   config.mode = 'train'            # 'train', 'evaluate' (score saved params) or 'sample' (write samples)
   config.seed = 0
 
@@ -35,6 +38,7 @@ def get_config():
   config.sema = 0.5                # self-teacher EMA momentum (TRACT)
   config.loss_reduction = 'sum'    # 'sum' over pixels (official TRACT/BTD) or 'mean'
   config.clip_x = True             # clip x_hat in TRACT's DDIM steps and in sampling
+  config.student_dropout = 0.0     # tract_edm: dropout in the student (the release's flag; teacher none)
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 2e-4
@@ -43,6 +47,9 @@ def get_config():
   config.optimizer.eps = 1e-8
   config.optimizer.grad_clip = 1.0
   config.optimizer.warmup_steps = 0
+  # tract_edm: linear LR warm-up over this many training samples (0 = none), as the release counts
+  # it; there non-finite gradient entries are also replaced (NaN -> 0, +-inf -> +-1e5).
+  config.optimizer.warmup_samples = 0
 
   # ---- teacher training (spec section 6) -----------------------------------------------------------
   config.teacher_training = ml_collections.ConfigDict()
@@ -78,6 +85,21 @@ def get_config():
   config.model.dtype = 'float32'
   config.model.teacher_dtype = ''  # teacher and self-teacher forwards; '' = model.dtype
   config.model.remat = 'none'      # 'none' or 'blocks' (recompute residual/attention blocks)
+  # 'ddpm': the UNet above (fields ch ... conv_impl); 'edm_song' / 'edm_dhariwal': EDM's SongUNet /
+  # DhariwalUNet (models/edm_networks.py) with model.edm below plus out_ch, num_classes, dtype, remat.
+  config.model.arch = 'ddpm'
+  config.model.edm = ml_collections.ConfigDict()  # defaults: the CIFAR-10 NCSN++ ('ve') network
+  config.model.edm.model_channels = 128     # ImageNet-64 ADM: 192
+  config.model.edm.channel_mult = (2, 2, 2)  # ADM: (1, 2, 3, 4)
+  config.model.edm.channel_mult_emb = 4
+  config.model.edm.num_blocks = 4           # ADM: 3
+  config.model.edm.attn_resolutions = (16,)  # ADM: (32, 16, 8)
+  config.model.edm.augment_dim = 0          # the CIFAR-10 pickles have 9 (unused when sampling)
+  # SongUNet only. DDPM++ ('vp' pickles): 'positional', 1, 'standard', (1, 1).
+  config.model.edm.embedding_type = 'fourier'
+  config.model.edm.channel_mult_noise = 2
+  config.model.edm.encoder_type = 'residual'
+  config.model.edm.resample_filter = (1, 3, 3, 1)
 
   # ---- data ----------------------------------------------------------------------------------------
   config.data = ml_collections.ConfigDict()

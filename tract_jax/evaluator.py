@@ -1,19 +1,18 @@
 """Sampling and scoring during and after training: fixed-noise grids, teacher agreement, the offline
 digits FID and the Inception FID. One Evaluator is built per job, so its jitted sampler compiles once.
 """
-import os
 from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tract_jax import parallel, sampling, writers
+from tract_jax import edm, parallel, paths, sampling, writers
 from tract_jax.evaluation.digits_metric import teacher_agreement_rmse
 
 
-def save_grid(directory: str, name: str, images, labels=None) -> str:
-  path = writers.save_grid(os.path.join(directory, name), images, labels=labels)
+def save_grid(directory, name: str, images, labels=None) -> str:
+  path = writers.save_grid(paths.resolve(directory) / name, images, labels=labels)
   print(f'  wrote {path}', flush=True)
   return path
 
@@ -27,9 +26,14 @@ class Evaluator:
   agreement line up; scores them with config.eval.metrics."""
 
   def __init__(self, config, denoise, image_shape, workdir: str, mesh):
-    self.workdir = workdir
+    self.workdir = paths.resolve(workdir)  # local or gs://
     self.mesh = mesh
-    self.sample = sampling.make_sampler(denoise, clip_x=config.clip_x)
+    if config.get('parametrisation', 'ddim') == 'edm':
+      # The section-2 sampler of TRACT_EDM.md on the teacher_steps grid; its T-step samples are
+      # the teacher reference, its S-step samples the students' (and the undistilled baseline).
+      self.sample = edm.make_sampler(denoise, config.teacher_steps, clip_x=config.clip_x)
+    else:
+      self.sample = sampling.make_sampler(denoise, clip_x=config.clip_x)
     n = config.eval.num_samples
     key = jax.random.PRNGKey(config.seed + 1_000_003)
     # Generated identically on every host (same key), then each sampling batch is split over devices.
@@ -155,19 +159,17 @@ class Evaluator:
 
   def teacher_reference(self, teacher_params, teacher_steps: int) -> np.ndarray:
     """T-step teacher samples from the fixed noise, cached in the workdir (with their grid)."""
-    path = os.path.join(self.workdir, f'teacher_samples_{teacher_steps}.npz')
+    path = self.workdir / f'teacher_samples_{teacher_steps}.npz'
     # Sampling is collective: use the cache only if every process sees it.
-    if not parallel.any_process(not os.path.exists(path)):
-      cached = np.load(path)['images']
+    if not parallel.any_process(not path.exists()):
+      cached = paths.load_npz(path)['images']
       if cached.shape == self.noise.shape:
         self.reference = cached
         return cached
     images = self.samples(teacher_params, teacher_steps)
     self.reference = images
     if jax.process_index() == 0:
-      tmp = path + '.tmp.npz'
-      np.savez(tmp, images=images)
-      os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+      paths.save_npz(path, images=images)  # atomic: a crash never leaves a half-written cache
       save_grid(self.workdir, f'teacher_{teacher_steps}steps.png', images, self.labels)
     return images
 

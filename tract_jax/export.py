@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 from flax import traverse_util
 
+from tract_jax import paths
 from tract_jax.errors import ConfigError
 
 FORMAT = 'tract_jax.export/1'
@@ -30,8 +31,8 @@ EXTENSIONS = ('.msgpack', '.npz')
 
 
 def sidecar_path(path: str) -> str:
-  """student.msgpack -> student.json."""
-  return os.path.splitext(path)[0] + '.json'
+  """student.msgpack -> student.json (local or gs://)."""
+  return os.path.splitext(str(path))[0] + '.json'
 
 
 def resolve_student(path: str, config, steps: int = 0) -> Tuple[str, int, str]:
@@ -42,7 +43,8 @@ def resolve_student(path: str, config, steps: int = 0) -> Tuple[str, int, str]:
   """
   from tract_jax import checkpoints, phases
 
-  if not os.path.isdir(os.path.abspath(os.path.expanduser(path))):
+  paths.check('params', path)
+  if not paths.resolve(path).is_dir():
     raise ConfigError(f'params={path!r}: no such directory')
   path, kind, phase = checkpoints.newest_params(path)
   if steps and steps > 0:
@@ -142,22 +144,23 @@ def export_params(params_dir: str, config, output: str, steps: int = 0) -> Dict[
   ext = os.path.splitext(output)[1].lower()
   if ext not in EXTENSIONS:
     raise ConfigError(f'output={output!r}: the file name must end in .msgpack or .npz')
+  if config.get('parametrisation', 'ddim') == 'edm':  # the sidecar would describe the DDIM sampler
+    raise ConfigError("parametrisation='edm': export's sidecar describes the DDIM sampler only, not "
+                      "EDM's grid and preconditioning; use --config.mode=sample to write samples")
+  paths.check('output', output)
   path, num_steps, description = resolve_student(params_dir, config, steps)
   like = import_teacher.abstract_params(config)
   params = checkpoints.load_params(path, like, field='params')
   params = _to_plain_dict(jax.tree.map(np.asarray, jax.device_get(params)))
   _check_shapes(params, like, path)
-  output = os.path.abspath(os.path.expanduser(output))
-  os.makedirs(os.path.dirname(output), exist_ok=True)
+  output = str(paths.resolve(output))  # local or gs://
   if ext == '.msgpack':
-    with open(output, 'wb') as f:
-      f.write(serialization.msgpack_serialize(params))
+    paths.write_bytes(output, serialization.msgpack_serialize(params))
   else:
-    np.savez(output, **_flatten(params))
+    paths.save_npz(output, **_flatten(params))
   meta = _metadata(config, num_steps, count_params(params), f'{description}: {path}',
-                   os.path.basename(output), ext[1:])
-  with open(sidecar_path(output), 'w') as f:
-    json.dump(meta, f, indent=2)
+                   paths.resolve(output).name, ext[1:])
+  paths.write_text(sidecar_path(output), json.dumps(meta, indent=2))
   return meta
 
 
@@ -188,20 +191,18 @@ def load_exported(path: str) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
   """(params, meta) of an exported file: nested dicts of numpy arrays and the sidecar (None if absent)."""
   from flax import serialization
 
-  path = os.path.expanduser(path)
+  path = str(paths.resolve(path))  # local or gs://
   ext = os.path.splitext(path)[1].lower()
   if ext == '.msgpack':
-    with open(path, 'rb') as f:
-      params = serialization.msgpack_restore(f.read())
+    params = serialization.msgpack_restore(paths.resolve(path).read_bytes())
   elif ext == '.npz':
-    with np.load(path) as data:
+    with paths.load_npz(path) as data:
       params = _unflatten({k: data[k] for k in data.files})
   else:
     raise ConfigError(f'{path!r}: expected a .msgpack or .npz file')
   meta = None
-  if os.path.exists(sidecar_path(path)):
-    with open(sidecar_path(path)) as f:
-      meta = json.load(f)
+  if paths.resolve(sidecar_path(path)).exists():
+    meta = json.loads(paths.resolve(sidecar_path(path)).read_text())
   return params, meta
 
 

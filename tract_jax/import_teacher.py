@@ -19,6 +19,9 @@ unexpected and wrongly-shaped entries.
 The output directory gets ema_params/ (what checkpoints.load_params and --config.teacher_checkpoint
 accept) and import_info.json (source, model configuration, what was reshaped or cast).
 
+With config.model.arch 'edm_song' or 'edm_dhariwal' the source is an NVlabs/edm network pickle
+instead, read without executing it (tract_jax/import_edm.py).
+
 gs:// sources are read with etils.epath, which needs the gcsfs package and access to the bucket;
 without them, copy the file first (gsutil cp gs://... .) and pass the local path.
 """
@@ -54,12 +57,14 @@ def image_shape(config) -> Tuple[int, int, int]:
 
 
 def abstract_params(config, shape=None):
-  """The configured UNet's parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing allocated)."""
+  """The configured network's parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing
+  allocated)."""
   from tract_jax import config_checks
   from tract_jax.models import factory
 
   shape = tuple(shape or image_shape(config))
-  if (config.model.num_heads is None) == (config.model.head_dim is None):
+  if config.model.get('arch', 'ddpm') == 'ddpm' and (
+      (config.model.num_heads is None) == (config.model.head_dim is None)):
     raise ConfigError('model.num_heads / model.head_dim: set exactly one of them (the other None)')
   config_checks.check_image_shape(config, shape)
   return factory.abstract_params(factory.build_model(config.model), shape)
@@ -94,8 +99,12 @@ def parse_source(data: bytes, source: str = 'source') -> Dict[str, Any]:
   try:
     tree = serialization.msgpack_restore(data)
   except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types
+    hint = ''
+    if data[:1] == b'\x80' and data[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05'):
+      hint = (' (it looks like a Python pickle: an EDM network pickle needs '
+              "--config.model.arch=edm_song or edm_dhariwal)")
     raise ConfigError(f'{source}: not a Flax msgpack file ({type(e).__name__}: '
-                      f'{str(e)[:200]})') from None
+                      f'{str(e)[:200]}){hint}') from None
   if not isinstance(tree, dict):
     raise ConfigError(f'{source}: expected a Flax train state or parameter dict, found a '
                       f'{type(tree).__name__}')
@@ -151,6 +160,7 @@ class ImportReport:
   reshaped: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = dataclasses.field(
       default_factory=list)
   cast: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
+  ignored: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, why)
   subtree: str = ''
 
   def lines(self) -> List[str]:
@@ -160,12 +170,14 @@ class ImportReport:
       out.append(f'  reshaped {name}: {old} -> {new}')
     for name, old, new in self.cast:
       out.append(f'  cast {name}: {old} -> {new}')
+    for name, why in self.ignored:
+      out.append(f'  ignored {name}: {why}')
     return out
 
   def to_json(self) -> Dict[str, Any]:
     return {'num_leaves': self.num_leaves, 'num_params': self.num_params, 'subtree': self.subtree,
             'reshaped': [[n, list(a), list(b)] for n, a, b in self.reshaped],
-            'cast': [list(c) for c in self.cast]}
+            'cast': [list(c) for c in self.cast], 'ignored': [list(i) for i in self.ignored]}
 
 
 def _flatten(tree, prefix=()) -> Dict[Tuple[str, ...], Any]:
@@ -189,6 +201,19 @@ def _listing(kind: str, entries: List[str]) -> str:
   shown = entries[:_MAX_LISTED]
   more = f' ... and {len(entries) - len(shown)} more' if len(entries) > len(shown) else ''
   return f'{len(entries)} {kind}: {", ".join(shown)}{more}'
+
+
+def mismatch_error(missing: List[str], unexpected: List[str], wrong: List[str],
+                   fields: str) -> ConfigError:
+  """One ConfigError line listing the missing, unexpected and wrongly-shaped entries; `fields` names
+  the config fields to check when the trees differ by more than a couple of entries."""
+  parts = [_listing(kind, entries) for kind, entries in
+           (('missing', missing), ('unexpected', unexpected), ('wrongly shaped', wrong)) if entries]
+  hint = ''
+  if len(missing) + len(unexpected) > 2:
+    hint = f" (is --config the checkpoint's architecture? {fields})"
+  return ConfigError('the source parameters do not match the configured model' + hint + ': '
+                     + '; '.join(parts))
 
 
 def convert_params(source_tree: Dict[str, Any], target_abstract) -> Tuple[Dict[str, Any], ImportReport]:
@@ -236,14 +261,8 @@ def convert_params(source_tree: Dict[str, Any], target_abstract) -> Tuple[Dict[s
   unexpected = [f'{name} {tuple(np.shape(leaf))}' for name, leaf in source.values()]
 
   if missing or unexpected or wrong:
-    parts = [_listing(kind, entries) for kind, entries in
-             (('missing', missing), ('unexpected', unexpected), ('wrongly shaped', wrong)) if entries]
-    hint = ''
-    if len(missing) + len(unexpected) > 2:
-      hint = (' (is --config the checkpoint\'s architecture? check model.ch, ch_mult, '
-              'num_res_blocks, attn_resolutions, num_classes)')
-    raise ConfigError('the source parameters do not match the configured model' + hint + ': '
-                      + '; '.join(parts))
+    raise mismatch_error(missing, unexpected, wrong,
+                         'check model.ch, ch_mult, num_res_blocks, attn_resolutions, num_classes')
   report.num_leaves = len(flat_params)
   report.num_params = int(sum(a.size for a in flat_params.values()))
   return traverse_util.unflatten_dict(flat_params), report
@@ -253,24 +272,36 @@ def convert_params(source_tree: Dict[str, Any], target_abstract) -> Tuple[Dict[s
 # The whole import
 # ----------------------------------------------------------------------------------------------------
 
+def write_import(output: str, params, source: str, config, report: ImportReport, **extra) -> None:
+  """Writes output/ema_params (an Orbax params checkpoint) and output/import_info.json (source,
+  model configuration, the report, and `extra` fields)."""
+  from tract_jax import checkpoints, paths
+
+  output = paths.resolve(output)  # local or gs://
+  output.mkdir(parents=True, exist_ok=True)
+  checkpoints.save_params(output / 'ema_params', params)
+  info = {'source': source, 'data': config.data.name, 'image_shape': list(image_shape(config)),
+          'model': json.loads(config.model.to_json_best_effort()), 'report': report.to_json(),
+          **extra}
+  paths.write_text(output / 'import_info.json', json.dumps(info, indent=2))
+
+
 def import_teacher(source: str, config, output: str) -> ImportReport:
   """Reads `source`, converts its parameters to `config.model` and writes output/ema_params."""
-  from tract_jax import checkpoints
+  from tract_jax import paths
 
   if not output:
     raise ConfigError('output: give the directory to write the teacher checkpoint to')
+  paths.check('output', output)
+  if config.model.get('arch', 'ddpm') != 'ddpm':  # EDM's networks take EDM pickles
+    from tract_jax import import_edm
+    return import_edm.import_edm(source, config, output)
   target = abstract_params(config)  # before reading: a bad config fails without a download
   tree = parse_source(read_source(source), f'source={source!r}')
   params, where = select_params(tree)
   params, report = convert_params(params, target)
   report.subtree = where
-  output = os.path.abspath(os.path.expanduser(output))
-  os.makedirs(output, exist_ok=True)
-  checkpoints.save_params(os.path.join(output, 'ema_params'), params)
-  info = {'source': source, 'data': config.data.name, 'image_shape': list(image_shape(config)),
-          'model': json.loads(config.model.to_json_best_effort()), 'report': report.to_json()}
-  with open(os.path.join(output, 'import_info.json'), 'w') as f:
-    json.dump(info, f, indent=2)
+  write_import(output, params, source, config, report)
   return report
 
 
@@ -279,7 +310,8 @@ def _define_flags():
   tract_jax.main's --config in the same process."""
   from absl import flags
   from ml_collections import config_flags
-  flags.DEFINE_string('source', None, 'Flax msgpack file of the teacher (local path or gs://...).')
+  flags.DEFINE_string('source', None, 'Flax msgpack file of the teacher, or an EDM network pickle '
+                      'with model.arch edm_song / edm_dhariwal (local path or gs://...).')
   config_flags.DEFINE_config_file('config', None, 'Job configuration file (configs/*.py) whose '
                                   'model the teacher is mapped onto.', lock_config=True)
   flags.DEFINE_string('output', None, 'Directory to write (ema_params/ inside).')

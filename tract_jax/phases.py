@@ -71,7 +71,7 @@ def validate_btd_schedule(schedule: Tuple[int, ...], teacher_steps: int) -> Tupl
 @dataclasses.dataclass(frozen=True)
 class PhasePlan:
   """Everything the loop needs to know about the phases of one run."""
-  method: str                      # 'tract' or 'btd'
+  method: str                      # 'tract', 'tract_edm' or 'btd'
   teacher_steps: int               # T
   schedule: Tuple[int, ...]        # S_0 = T > ... > S_K
   steps_per_phase: int
@@ -105,12 +105,16 @@ class PhasePlan:
 
 def make_plan(method: str, teacher_steps: int, time_schedule, train_samples: int, batch_size: int,
               ema_residual: float) -> PhasePlan:
-  if method not in ('tract', 'btd'):
-    raise ConfigError(f"method={method!r}: a phase plan exists for 'tract' and 'btd' only")
+  if method not in ('tract', 'tract_edm', 'btd'):
+    raise ConfigError(f"method={method!r}: a phase plan exists for 'tract', 'tract_edm' and 'btd' "
+                      'only')
   if teacher_steps < 1:
     raise ConfigError(f'teacher_steps={teacher_steps}: must be a positive integer')
+  if method == 'tract_edm' and teacher_steps < 2:
+    raise ConfigError(f'teacher_steps={teacher_steps}: the EDM noise grid needs at least 2 steps '
+                      '(the release uses 40)')
   schedule = parse_schedule(time_schedule)
-  if method == 'tract':
+  if method in ('tract', 'tract_edm'):
     schedule = validate_tract_schedule(schedule, teacher_steps)
   elif schedule:
     schedule = validate_btd_schedule(schedule, teacher_steps)

@@ -43,6 +43,28 @@ def make_optimizer(learning_rate, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.99
   return optax.chain(*parts, optax.adam(lr, b1=b1, b2=b2, eps=eps))
 
 
+def make_edm_optimizer(learning_rate, warmup_samples=0, batch_size=1, grad_clip=0.0, b1=0.9,
+                       b2=0.999, eps=1e-8):
+  """Adam of the TRACT-EDM release (TRACT_EDM.md section 4): the learning rate ramps linearly over
+  the first `warmup_samples` training samples, lr * min(step * batch_size / warmup_samples, 1) at
+  update `step` (0-based), as EDM counts it; global-norm clipping only if grad_clip > 0 (the release
+  has none). Non-finite gradient entries are replaced before this, in the step (`finite_grads`)."""
+  if warmup_samples > 0:
+    def lr(count):
+      return learning_rate * jnp.minimum(count.astype(jnp.float32) * batch_size / warmup_samples,
+                                         1.0)
+  else:
+    lr = learning_rate
+  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip and grad_clip > 0 else []
+  return optax.chain(*parts, optax.adam(lr, b1=b1, b2=b2, eps=eps))
+
+
+def finite_grads(grads):
+  """Non-finite gradient entries replaced as the TRACT-EDM release does before each update:
+  NaN -> 0, +inf -> 1e5, -inf -> -1e5."""
+  return jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
+
+
 def log_momentum(m: float) -> float:
   """log(m) in float64 on the host; -inf for m = 0 (the EMA is then a plain copy)."""
   return math.log(m) if m > 0 else -math.inf

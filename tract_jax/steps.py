@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tract_jax import methods, parallel, phases
-from tract_jax.state import TrainState, ema_update, log_momentum
+from tract_jax import edm, methods, parallel, phases
+from tract_jax.state import TrainState, ema_update, finite_grads, log_momentum
 
 
 def _labels(batch, conditional: bool):
@@ -52,13 +52,49 @@ def distill_loss_fn(denoise, plan: phases.PhasePlan, *, reduction, clip_x, condi
   return loss_fn
 
 
-def _update(state: TrainState, batch, *, loss_fn, tx, log_ema: float, log_sema):
+def edm_teacher_loss_fn(net, *, reduction, conditional, dropout):
+  """EDM teacher training (TRACT_EDM.md, for the demo and user-trained teachers): EDM's loss.
+  net: edm.make_network(model)."""
+
+  def loss_fn(params, state, batch, rng):
+    del state
+    return edm.teacher_loss(params, net, batch['image'], _labels(batch, conditional), rng,
+                            reduction=reduction, dropout=dropout)
+
+  return loss_fn
+
+
+def edm_distill_loss_fn(net, plan: phases.PhasePlan, *, reduction, clip_x, conditional,
+                        teacher_net=None, dropout=False):
+  """TRACT-EDM (TRACT_EDM.md section 3) against the state's frozen teacher of its phase.
+
+  Phase 0's teacher (the original EDM teacher) takes Heun steps; a later phase's teacher is the
+  previous phase's student and takes its own section-2 steps (the release has one phase only).
+  net / teacher_net: edm.make_network of the student's / the teacher's model."""
+  table = jnp.asarray(plan.phase_table())
+  grid = edm.Grid(plan.teacher_steps)
+
+  def loss_fn(params, state: TrainState, batch, rng):
+    heun = True if plan.num_phases == 1 else state.phase == 0
+    return edm.tract_loss(params, net, grid, state.teacher_params, state.sema_params,
+                          batch['image'], _labels(batch, conditional), rng, table[state.phase],
+                          teacher_heun=heun, clip_x=clip_x, reduction=reduction,
+                          teacher_net=teacher_net, dropout=dropout)
+
+  return loss_fn
+
+
+def _update(state: TrainState, batch, *, loss_fn, tx, log_ema: float, log_sema,
+            sanitize_grads: bool = False):
   """One update; a non-finite loss or gradient leaves params, optimiser state and EMAs untouched
-  (the update is skipped and counted), so NaNs never reach the state."""
+  (the update is skipped and counted), so NaNs never reach the state. sanitize_grads (TRACT-EDM):
+  non-finite gradient entries are replaced first (state.finite_grads), so only the loss counts."""
   # The second key of the split, as when the flip key was drawn here (flips now happen in the input
   # pipeline): runs made before that change reproduce bit for bit.
   rng = jax.random.split(jax.random.fold_in(state.rng, state.step))[1]
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state, batch, rng)
+  if sanitize_grads:
+    grads = finite_grads(grads)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -78,12 +114,13 @@ def _update(state: TrainState, batch, *, loss_fn, tx, log_ema: float, log_sema):
 
 
 def make_train_step(loss_fn, tx, *, ema_momentum: float, sema_momentum=None, mesh=None,
-                    state_sharding=None):
+                    state_sharding=None, sanitize_grads: bool = False):
   """jit of one update with the state donated. With a mesh the state keeps its shardings and the
   batch is split over the devices (XLA inserts the gradient all-reduce / FSDP gathers)."""
   step_fn = functools.partial(
       _update, loss_fn=loss_fn, tx=tx, log_ema=log_momentum(ema_momentum),
-      log_sema=None if sema_momentum is None else log_momentum(sema_momentum))
+      log_sema=None if sema_momentum is None else log_momentum(sema_momentum),
+      sanitize_grads=sanitize_grads)
   if mesh is None:
     return jax.jit(step_fn, donate_argnums=0)
   return jax.jit(step_fn, in_shardings=(state_sharding, parallel.batch_sharding(mesh)),

@@ -7,16 +7,15 @@ state (train state, EMAs), steps (the jitted update), loop (the step loop), chec
 evaluator (samples and metrics), workdir (protection, evaluate/sample modes).
 """
 import json
-import os
 import time
 
 import jax
 
-from tract_jax import checkpoints, config_checks, data, parallel, phases, steps, writers
+from tract_jax import checkpoints, config_checks, data, edm, parallel, paths, phases, steps, writers
 from tract_jax.evaluator import Evaluator
 from tract_jax.loop import SignalFlag, StepLoop
 from tract_jax.models import factory
-from tract_jax.state import advance_phase, create_state, make_optimizer
+from tract_jax.state import advance_phase, create_state, make_edm_optimizer, make_optimizer
 from tract_jax.workdir import evaluate_or_sample, protect, record_config
 
 
@@ -33,6 +32,18 @@ def _param_target(config, image_shape, mesh):
                                  config.mesh.fsdp_min_size)
 
 
+def _is_edm(config) -> bool:
+  return config.get('parametrisation', 'ddim') == 'edm'
+
+
+def _denoiser(config, model):
+  """What the evaluator samples with: EDM's preconditioned D (TRACT_EDM.md), or the DDIM x_hat of
+  config.model.mean_type."""
+  if _is_edm(config):
+    return edm.make_denoiser(model)
+  return factory.make_denoiser(model, config.model.mean_type)
+
+
 def train_teacher(config, workdir: str, source=None, mesh=None):
   """Trains a teacher (spec section 6) in `workdir`; returns its evaluation-EMA parameters.
 
@@ -43,10 +54,11 @@ def train_teacher(config, workdir: str, source=None, mesh=None):
   source = source or data.load_source(config.data)
   mesh = mesh or parallel.mesh_from_config(config)
   parallel.check_batch(tc.batch_size, mesh, 'teacher_training.batch_size')
-  os.makedirs(workdir, exist_ok=True)
-  final_path = os.path.join(workdir, 'ema_params')
+  workdir = paths.resolve(workdir)  # local or gs://
+  workdir.mkdir(parents=True, exist_ok=True)
+  final_path = workdir / 'ema_params'
   like = _param_target(config, source.image_shape, mesh)
-  if os.path.isdir(final_path):
+  if checkpoints.is_complete(final_path):
     print(f'Teacher already trained: {final_path}', flush=True)
     return checkpoints.load_params(final_path, like)
 
@@ -55,18 +67,23 @@ def train_teacher(config, workdir: str, source=None, mesh=None):
   opt = config.optimizer
   tx = make_optimizer(tc.learning_rate, tc.warmup_steps, tc.grad_clip, opt.b1, opt.b2, opt.eps)
   state, state_sharding = create_state(params, tx, config.seed, mesh, config.mesh.fsdp_min_size)
-  loss_fn = steps.teacher_loss_fn(
-      factory.make_denoiser(model, config.model.mean_type), reduction=tc.loss_reduction,
-      time_sampling=tc.time_sampling, teacher_steps=config.teacher_steps,
-      conditional=bool(config.model.num_classes), dropout=tc.dropout > 0)
+  if _is_edm(config):  # EDM's loss: ln sigma ~ N(-1.2, 1.2^2), weighted to F space
+    loss_fn = steps.edm_teacher_loss_fn(edm.make_network(model), reduction=tc.loss_reduction,
+                                        conditional=bool(config.model.num_classes),
+                                        dropout=tc.dropout > 0)
+  else:
+    loss_fn = steps.teacher_loss_fn(
+        factory.make_denoiser(model, config.model.mean_type), reduction=tc.loss_reduction,
+        time_sampling=tc.time_sampling, teacher_steps=config.teacher_steps,
+        conditional=bool(config.model.num_classes), dropout=tc.dropout > 0)
   step_fn = steps.make_train_step(loss_fn, tx, ema_momentum=tc.ema_decay, mesh=mesh,
                                   state_sharding=state_sharding)
   total = int(tc.train_steps)
   print(f'Teacher training: {total} steps, batch {tc.batch_size}, '
         f'{sum(x.size for x in jax.tree.leaves(params)):,} parameters', flush=True)
-  writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  with checkpoints.StateCheckpoints(os.path.join(workdir, 'checkpoints'),
-                                    config.keep_checkpoints) as ckpts, SignalFlag() as signals:
+  with writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer, \
+      checkpoints.StateCheckpoints(workdir / 'checkpoints', config.keep_checkpoints) as ckpts, \
+      SignalFlag() as signals:
     state = ckpts.restore_or_keep(state, what='teacher training')
     loop = StepLoop(config, step_fn, mesh, ckpts, writer, total=total,
                     images_per_step=tc.batch_size, scalar_prefix='teacher', signals=signals)
@@ -74,7 +91,6 @@ def train_teacher(config, workdir: str, source=None, mesh=None):
       state = loop.run(state, batches, until=total, label='teacher')
     loop.save(total, state, 'teacher')
   checkpoints.save_params(final_path, state.ema_params)
-  writer.close()
   return state.ema_params
 
 
@@ -88,33 +104,49 @@ def train_distillation(config, workdir: str, plan: phases.PhasePlan, teacher_par
   source = source or data.load_source(config.data)
   mesh = mesh or parallel.mesh_from_config(config)
   parallel.check_batch(config.batch_size, mesh)
-  os.makedirs(workdir, exist_ok=True)
-  # Dropout 0 in every network while distilling (spec section 3).
-  model = factory.build_model(config.model, dropout=0.0, trained=True)
-  denoise = factory.make_denoiser(model, config.model.mean_type)
+  workdir = paths.resolve(workdir)  # local or gs://
+  workdir.mkdir(parents=True, exist_ok=True)
+  tract_edm = plan.method == 'tract_edm'
+  # Dropout 0 in every network while distilling (spec section 3); TRACT-EDM has a flag for the
+  # student's (TRACT_EDM.md section 4; the teacher and self-teacher never drop out).
+  model = factory.build_model(config.model, dropout=config.student_dropout if tract_edm else 0.0,
+                              trained=True)
+  denoise = _denoiser(config, model)
   evaluator = evaluator or Evaluator(config, denoise, source.image_shape, workdir, mesh)
   opt = config.optimizer
-  tx = make_optimizer(opt.learning_rate, opt.warmup_steps, opt.grad_clip, opt.b1, opt.b2, opt.eps)
+  if tract_edm:  # no clipping by default, warm-up counted in samples (TRACT_EDM.md section 4)
+    tx = make_edm_optimizer(opt.learning_rate, opt.warmup_samples, config.batch_size,
+                            opt.grad_clip, opt.b1, opt.b2, opt.eps)
+  else:
+    tx = make_optimizer(opt.learning_rate, opt.warmup_steps, opt.grad_clip, opt.b1, opt.b2, opt.eps)
+  self_teacher = plan.method in ('tract', 'tract_edm')
   # The student starts from the teacher; the EMAs too (their first update copies the student).
   state, state_sharding = create_state(teacher_params, tx, config.seed + 1, mesh,
-                                       config.mesh.fsdp_min_size, sema=plan.method == 'tract',
+                                       config.mesh.fsdp_min_size, sema=self_teacher,
                                        teacher=teacher_params)
-  teacher_denoise = factory.make_denoiser(factory.build_model(config.model, teacher=True),
-                                         config.model.mean_type)
-  loss_fn = steps.distill_loss_fn(denoise, plan, reduction=config.loss_reduction,
-                                  clip_x=config.clip_x, conditional=bool(config.model.num_classes),
-                                  teacher_denoise=teacher_denoise)
+  teacher_model = factory.build_model(config.model, teacher=True)
+  if tract_edm:
+    loss_fn = steps.edm_distill_loss_fn(
+        edm.make_network(model), plan, reduction=config.loss_reduction, clip_x=config.clip_x,
+        conditional=bool(config.model.num_classes), teacher_net=edm.make_network(teacher_model),
+        dropout=config.student_dropout > 0)
+  else:
+    loss_fn = steps.distill_loss_fn(denoise, plan, reduction=config.loss_reduction,
+                                    clip_x=config.clip_x, conditional=bool(config.model.num_classes),
+                                    teacher_denoise=factory.make_denoiser(teacher_model,
+                                                                          config.model.mean_type))
   step_fn = steps.make_train_step(loss_fn, tx, ema_momentum=plan.ema_momentum,
-                                  sema_momentum=config.sema if plan.method == 'tract' else None,
-                                  mesh=mesh, state_sharding=state_sharding)
+                                  sema_momentum=config.sema if self_teacher else None,
+                                  mesh=mesh, state_sharding=state_sharding,
+                                  sanitize_grads=tract_edm)
   if evaluator.reference is None and 'agreement' in evaluator.metrics:
     evaluator.teacher_reference(teacher_params, plan.teacher_steps)  # cached in the workdir
   print(f'{plan.method.upper()}: schedule {",".join(map(str, plan.schedule))}, {plan.num_phases} '
         f'phase(s) of {plan.steps_per_phase} steps, batch {config.batch_size}, evaluation-EMA '
         f'momentum {plan.ema_momentum:.8f}', flush=True)
-  writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  with checkpoints.StateCheckpoints(os.path.join(workdir, 'checkpoints'),
-                                    config.keep_checkpoints) as ckpts, SignalFlag() as signals:
+  with writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer, \
+      checkpoints.StateCheckpoints(workdir / 'checkpoints', config.keep_checkpoints) as ckpts, \
+      SignalFlag() as signals:
     state = ckpts.restore_or_keep(state, what=plan.method)
     loop = StepLoop(config, step_fn, mesh, ckpts, writer, total=plan.total_steps,
                     images_per_step=config.batch_size, scalar_prefix=plan.method, signals=signals)
@@ -134,17 +166,16 @@ def train_distillation(config, workdir: str, plan: phases.PhasePlan, teacher_par
 
         state = loop.run(state, batches, until=end, label=label, on_eval=on_eval)
         # The phase's artefact first, then the resumable state (which marks the phase as done).
-        checkpoints.save_params(os.path.join(workdir, f'phase_{phase}_ema'), state.ema_params)
+        checkpoints.save_params(workdir / f'phase_{phase}_ema', state.ema_params)
         evaluator.report(writer, end, state.ema_params, student_steps, phase, phase_end=True)
         loop.save(end, state, label)
-  writer.close()
   return state
 
 
 def train_and_evaluate(config, workdir: str):
   """The whole job the config describes: (teacher training), every distillation phase, evaluation."""
   start = time.time()
-  config_checks.check_local_path('workdir', workdir)
+  paths.check('workdir', workdir)  # a local folder or a bucket (gs://...): see paths.py
   plan = config_checks.validate_config(config)               # validate
   parallel.use_compilation_cache(config.get('compilation_cache_dir', ''))
   parallel.maybe_initialize_distributed(config)               # mesh
@@ -152,12 +183,11 @@ def train_and_evaluate(config, workdir: str):
   config_checks.check_device_sizes(config, mesh)
   source = data.load_source(config.data)                      # data
   config_checks.check_image_shape(config, source.image_shape)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.resolve(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   print(parallel.describe(mesh), flush=True)
   model = factory.build_model(config.model)                   # model and evaluator
-  evaluator = Evaluator(config, factory.make_denoiser(model, config.model.mean_type),
-                        source.image_shape, workdir, mesh)
+  evaluator = Evaluator(config, _denoiser(config, model), source.image_shape, workdir, mesh)
   if config.mode != 'train':
     return evaluate_or_sample(config, workdir, plan, source.image_shape, mesh, evaluator)
   protect(config, workdir)  # process 0 may delete an incompatible run (overwrite=True) ...
@@ -167,7 +197,7 @@ def train_and_evaluate(config, workdir: str):
   if config.method == 'teacher' or not config.teacher_checkpoint:   # teacher: train or load
     if config.method != 'teacher':
       print('No teacher_checkpoint: training a teacher first (workdir/teacher)', flush=True)
-    teacher_dir = workdir if config.method == 'teacher' else os.path.join(workdir, 'teacher')
+    teacher_dir = workdir if config.method == 'teacher' else workdir / 'teacher'
     teacher = train_teacher(config, teacher_dir, source, mesh)
   else:
     teacher = checkpoints.load_params(config.teacher_checkpoint,
@@ -183,8 +213,7 @@ def train_and_evaluate(config, workdir: str):
                                      plan.schedule[-1])
   result['wall_time_s'] = time.time() - start
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'result.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    paths.write_text(workdir / 'result.json', json.dumps(result, indent=2))
   print(f'Teacher agreement at {result["student_steps"]} step(s) (RMSE against the '
         f'{plan.teacher_steps}-step teacher, same noise): student '
         f'{result["rmse_student_vs_teacher"]:.4f}, undistilled teacher '

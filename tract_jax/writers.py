@@ -1,12 +1,18 @@
-"""PNG grids, TensorBoard scalars/images, a JSON-lines summary and progress lines."""
+"""PNG grids, TensorBoard scalars/images, a JSON-lines summary and progress lines; each to a local
+folder or a bucket (gs://, see paths.py)."""
+import io
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Dict, Optional
 
 import numpy as np
 from PIL import Image
+
+from tract_jax import paths
 
 
 def to_uint8(images) -> np.ndarray:
@@ -31,9 +37,10 @@ def make_grid(images, ncol: Optional[int] = None, pad: int = 1, scale: int = 1) 
   return grid
 
 
-def save_grid(path: str, images, ncol: Optional[int] = None, min_size: int = 256,
+def save_grid(path, images, ncol: Optional[int] = None, min_size: int = 256,
               labels=None) -> str:
-  """Writes a PNG mosaic; tiny images (8x8 digits) are enlarged with nearest-neighbour pixels.
+  """Writes a PNG mosaic (local or gs:// path); tiny images (8x8 digits) are enlarged with
+  nearest-neighbour pixels. Returns the path written.
 
   labels: optional (N,) class labels, written in the top-left corner of each cell (class-conditional
   samples).
@@ -54,26 +61,55 @@ def save_grid(path: str, images, ncol: Optional[int] = None, min_size: int = 256
       box = draw.textbbox((x, y), text)
       draw.rectangle(box, fill=0 if image.mode == 'L' else (0, 0, 0))
       draw.text((x, y), text, fill=255 if image.mode == 'L' else (255, 255, 0))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  image.save(path)
-  return path
+  png = io.BytesIO()
+  image.save(png, format='PNG')
+  return str(paths.write_bytes(path, png.getvalue()))
 
 
 class MetricWriter:
   """Writes scalars to TensorBoard (tensorboardX, when installed) and to workdir/summary.jsonl.
-  Progress lines on stdout are the loop's."""
+  Progress lines on stdout are the loop's. Use as a context manager (or call close()).
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  A local workdir is written in place. A bucket (gs://...) cannot append to an object and
+  tensorboardX cannot write to one without TensorFlow, so both files are written in a local staging
+  folder and copied whole to workdir/tensorboard/ and workdir/summary.jsonl at most every
+  `sync_every_s` seconds, at flush() and at close(); summary.jsonl starts from the bucket's copy, so
+  a resumed run appends to it. A crash loses at most the last `sync_every_s` seconds of lines (the
+  checkpoints do not depend on them).
+  """
+
+  def __init__(self, workdir, enabled: bool = True, sync_every_s: float = 60.0):
     self.enabled = enabled
-    self.workdir = workdir
+    self.workdir = paths.resolve(workdir)
+    self.remote = paths.is_remote(str(self.workdir))
+    self.sync_every_s = sync_every_s
     self._tb = None
-    if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      except ImportError:  # TensorBoard output is optional
-        self._tb = None
+    self._stage = None
+    self._last_sync = time.monotonic()
+    if not enabled:
+      return
+    if self.remote:
+      self._stage = tempfile.mkdtemp(prefix='tract_jax_metrics_')
+      local = self._stage
+      remote_summary = self.workdir / 'summary.jsonl'
+      if remote_summary.exists():  # resuming: keep the lines of the earlier runs
+        paths.copy_file(remote_summary, os.path.join(local, 'summary.jsonl'))
+    else:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      local = os.fspath(self.workdir)
+    self._summary = os.path.join(local, 'summary.jsonl')
+    self._tb_dir = os.path.join(local, 'tensorboard')
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(self._tb_dir)
+    except ImportError:  # TensorBoard output is optional
+      self._tb = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
   def scalars(self, step: int, values: Dict[str, float], record: bool = True):
     if not self.enabled:
@@ -83,8 +119,10 @@ class MetricWriter:
       for k, v in values.items():
         self._tb.add_scalar(k, v, step)
     if record:
-      with open(os.path.join(self.workdir, 'summary.jsonl'), 'a') as f:
+      with open(self._summary, 'a') as f:
         f.write(json.dumps({'step': int(step), **values}) + '\n')
+    if self.remote and time.monotonic() - self._last_sync >= self.sync_every_s:
+      self.flush()
 
   def image(self, step: int, tag: str, images):
     if self.enabled and self._tb is not None:
@@ -92,12 +130,28 @@ class MetricWriter:
       self._tb.add_image(tag, grid, step, dataformats='HWC')
 
   def flush(self):
+    """Flushes TensorBoard; for a bucket workdir also copies the staged files there."""
     if self._tb is not None:
       self._tb.flush()
+    if self.enabled and self.remote:
+      self._sync()
+
+  def _sync(self):
+    if os.path.exists(self._summary):
+      paths.copy_file(self._summary, self.workdir / 'summary.jsonl')
+    if os.path.isdir(self._tb_dir):
+      for name in sorted(os.listdir(self._tb_dir)):
+        paths.copy_file(os.path.join(self._tb_dir, name), self.workdir / 'tensorboard' / name)
+    self._last_sync = time.monotonic()
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
+    if self.enabled and self.remote and self._stage is not None:
+      self._sync()
+      shutil.rmtree(self._stage, ignore_errors=True)
+      self._stage = None
 
 
 class Progress:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tract_jax import paths
 from tract_jax.evaluation.preprocess import DEFAULT_RESIZE, INPUT_SIZE, check_resize, preprocess
 MIN_INPUT_SIZE = 75  # smallest input for which every VALID convolution and pool has an output
 FEATURE_DIM = 2048
@@ -252,7 +253,7 @@ def check_variables(variables, size: int = INPUT_SIZE) -> None:
 
 def load_variables(path: str) -> dict:
   """Reads a converted weight file into {'params': ..., 'batch_stats': ...} of float32 numpy arrays."""
-  with np.load(path) as f:
+  with paths.load_npz(path) as f:  # local or gs://
     flat = {k: np.asarray(f[k], np.float32) for k in f.files}
   variables = unflatten_tree(flat)
   check_variables(variables)

@@ -6,17 +6,22 @@ the shardings of the mesh, so Orbax writes each restored leaf straight onto the 
 """
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from tract_jax import diffusion, parallel
 from tract_jax.errors import ConfigError
+from tract_jax.models.edm_networks import DhariwalUNet, SongUNet
 from tract_jax.models.unet import UNet
+
+ARCHS = ('ddpm', 'edm_song', 'edm_dhariwal')
 
 
 def build_model(model_config, dropout: float = 0.0, *, trained: bool = False,
-                teacher: bool = False) -> UNet:
-  """The UNet of spec section 7 as config.model describes it (dropout only for teacher training).
+                teacher: bool = False) -> nn.Module:
+  """The network config.model describes: model.arch 'ddpm' is the UNet of spec section 7,
+  'edm_song' / 'edm_dhariwal' EDM's networks (TRACT_EDM.md section 5). Dropout only for training.
 
   trained=True: the network being differentiated, rematerialised as model.remat says (a network
   that is only run forward never is). teacher=True: the frozen teacher's and self-teacher's network,
@@ -27,6 +32,11 @@ def build_model(model_config, dropout: float = 0.0, *, trained: bool = False,
   if teacher:
     dtype = model_config.get('teacher_dtype', '') or dtype
   remat = model_config.get('remat', 'none') if trained else 'none'
+  arch = model_config.get('arch', 'ddpm')
+  if arch in ('edm_song', 'edm_dhariwal'):
+    return _build_edm(model_config, arch, dropout, dtype, remat)
+  if arch != 'ddpm':
+    raise ConfigError(f'model.arch={arch!r}: allowed values are {", ".join(map(repr, ARCHS))}')
   return UNet(ch=model_config.ch, emb_ch=model_config.emb_ch, ch_mult=tuple(model_config.ch_mult),
               num_res_blocks=model_config.num_res_blocks,
               attn_resolutions=tuple(model_config.attn_resolutions),
@@ -34,6 +44,21 @@ def build_model(model_config, dropout: float = 0.0, *, trained: bool = False,
               out_ch=model_config.out_ch, num_classes=model_config.num_classes,
               num_groups=model_config.num_groups, conv_impl=model_config.conv_impl, dtype=dtype,
               remat=remat)
+
+
+def _build_edm(model_config, arch: str, dropout: float, dtype, remat):
+  """EDM's SongUNet / DhariwalUNet (models/edm_networks.py) from model.edm, out_ch, num_classes."""
+  edm = model_config.edm
+  common = dict(out_ch=model_config.out_ch, num_classes=model_config.num_classes,
+                augment_dim=edm.augment_dim, model_channels=edm.model_channels,
+                channel_mult=tuple(edm.channel_mult), channel_mult_emb=edm.channel_mult_emb,
+                num_blocks=edm.num_blocks, attn_resolutions=tuple(edm.attn_resolutions),
+                dropout=dropout, dtype=dtype, remat=remat)
+  if arch == 'edm_dhariwal':
+    return DhariwalUNet(**common)
+  return SongUNet(**common, embedding_type=edm.embedding_type,
+                  channel_mult_noise=edm.channel_mult_noise, encoder_type=edm.encoder_type,
+                  resample_filter=tuple(edm.resample_filter))
 
 
 def make_denoiser(model: UNet, mean_type: str):
