@@ -1,5 +1,5 @@
 """CIFAR-10 TRACT with EDM's unconditional VE teacher, schedule 40 -> 1 (one phase): the TRACT
-release's EDM command (TRACT_EDM.md: batch 512, 96M training samples).
+release's EDM command (docs/SPEC_EDM.md: batch 512, 96M training samples).
 
   wget https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-ve.pkl
   python -m tract_jax.import_teacher --source=edm-cifar10-32x32-uncond-ve.pkl \
@@ -19,7 +19,7 @@ mean, weight 1); Adam 1e-3 without clipping, non-finite gradient entries replace
 Hardware: sized like the release's command, batch 512 = 64 per device on 8 A100/H100-class GPUs
 (or a TPU v4-8). Not yet run end to end on such hardware here.
 
-Expected result: TRACT_EDM.md quotes no figure for this run. The job's evaluation scores the 1-step
+Expected result: docs/SPEC_EDM.md quotes no figure for this run. The job's evaluation scores the 1-step
 student (phase_0_ema) against the teacher's 40-step samples of the section-2 sampler from the same
 noise (eval/rmse_vs_teacher); add 'fid' to eval.metrics with the FID files (README, "FID protocol")
 to compare FIDs.

@@ -1,4 +1,4 @@
-"""CPU demo of TRACT with EDM teachers (TRACT_EDM.md) on the embedded 8x8 digits: trains a small
+"""CPU demo of TRACT with EDM teachers (docs/SPEC_EDM.md) on the embedded 8x8 digits: trains a small
 EDM-parametrised teacher (the DDPM UNet of configs/demo.py as EDM's network F, EDM's loss), then
 distils its 40-step sampler into a 1-step student in one phase (the release's schedule 40,1).
 

@@ -1,5 +1,5 @@
 """Class-conditional ImageNet 64x64 TRACT with EDM's ADM teacher, schedule 40 -> 1 (one phase), as
-the TRACT release distils EDM teachers (TRACT_EDM.md).
+the TRACT release distils EDM teachers (docs/SPEC_EDM.md).
 
   wget https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl
   python -m tract_jax.import_teacher --source=edm-imagenet-64x64-cond-adm.pkl \
@@ -10,14 +10,14 @@ the TRACT release distils EDM teachers (TRACT_EDM.md).
 The teacher is EDM's DhariwalUNet (model.arch 'edm_dhariwal': 192 channels, channel_mult 1,2,3,4,
 3 blocks per level, attention at 32, 16 and 8 px, 1000 classes given as one-hot vectors). Labels go
 to teacher, self-teacher and student; evaluation samples use uniformly random labels. Training
-budget: TRACT_EDM.md gives the release's command for CIFAR-10 only, so this takes it (96 * 2**20
+budget: docs/SPEC_EDM.md gives the release's command for CIFAR-10 only, so this takes it (96 * 2**20
 samples at batch 512: 196,608 steps, evaluation-EMA momentum 0.99996487).
 
 Hardware: batch 512 = 64 per device on 8 A100/H100-class GPUs or a TPU v4-8; with less memory per
 device shard parameters and optimiser state with --config.mesh.fsdp=8, and recompute activations
 with --config.model.remat=blocks. Not yet run end to end on such hardware here.
 
-Expected result: TRACT_EDM.md quotes no figure for this run; the job's evaluation scores the 1-step
+Expected result: docs/SPEC_EDM.md quotes no figure for this run; the job's evaluation scores the 1-step
 student against the teacher's 40-step samples from the same noise and labels (add 'fid' to
 eval.metrics with the ImageNet-64 FID files to compare FIDs).
 

@@ -35,6 +35,13 @@ def run_script(name, *args, timeout=300):
   return result.stdout
 
 
+def test_host_sync_tiny(tiny):
+  """The host-read benchmark runs the tiny TRACT step both ways and reports two positive times."""
+  import host_sync
+  out = host_sync.measure(tiny(), 'tract', 8, steps=2, rounds=1, log=lambda *a: None)
+  assert set(out) == {'no_read', 'read_per_step'} and min(out.values()) > 0
+
+
 def test_throughput_tiny(tmp_path):
   out = tmp_path / 'throughput.json'
   cache = jax.config.jax_compilation_cache_dir or 'none'  # the tests' cache: reruns load compiles

@@ -1,4 +1,4 @@
-"""TRACT with EDM teachers (TRACT_EDM.md) against a float64 NumPy transcription of the spec, and the
+"""TRACT with EDM teachers (docs/SPEC_EDM.md) against a float64 NumPy transcription of the spec, and the
 method through the driver on a tiny model.
 
 The math tests use an elementwise stand-in network F(c_in x; c_noise) = a c_in x + b c_noise +
@@ -22,7 +22,7 @@ from tract_jax.models import factory
 SD = 0.5
 
 
-# ---- float64 reference: TRACT_EDM.md sections 1-3, transcribed ----------------------------------
+# ---- float64 reference: docs/SPEC_EDM.md sections 1-3, transcribed ----------------------------------
 def ref_grid(T):
   out = [0.0]
   for i in range(1, T + 1):

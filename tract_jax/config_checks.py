@@ -99,7 +99,7 @@ def _check_training(config):
 
 
 def _check_parametrisation(config):
-  """EDM teachers (TRACT_EDM.md) go with method 'teacher' or 'tract_edm'; the DDIM ones with the rest."""
+  """EDM teachers (docs/SPEC_EDM.md) go with method 'teacher' or 'tract_edm'; the DDIM ones with the rest."""
   param = config.get('parametrisation', 'ddim')
   _choice('parametrisation', param, PARAMETRISATIONS)
   if config.method == 'tract_edm' and param != 'edm':

@@ -22,7 +22,7 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.method = 'tract'          # 'teacher', 'tract', 'btd' or 'tract_edm' (EDM teachers)
   # 'ddim': the variance-preserving cosine schedule of TRACT.md (methods teacher, tract, btd);
-  # 'edm': EDM's sigma grid and preconditioning of TRACT_EDM.md (methods teacher, tract_edm).
+  # 'edm': EDM's sigma grid and preconditioning of docs/SPEC_EDM.md (methods teacher, tract_edm).
   config.parametrisation = 'ddim'
   config.mode = 'train'            # 'train', 'evaluate' (score saved params) or 'sample' (write samples)
   config.seed = 0

@@ -1,4 +1,4 @@
-"""TRACT with EDM teachers (the TRACT_EDM specification; Karras et al. 2022): the noise
+"""TRACT with EDM teachers (docs/SPEC_EDM.md; Karras et al. 2022): the noise
 grid, the preconditioning, the denoiser around a network, the deterministic step and sampler, the
 Heun teacher step, the TRACT target and loss, and EDM's own teacher-training loss.
 

@@ -29,7 +29,7 @@ class Evaluator:
     self.workdir = paths.resolve(workdir)  # local or gs://
     self.mesh = mesh
     if config.get('parametrisation', 'ddim') == 'edm':
-      # The section-2 sampler of TRACT_EDM.md on the teacher_steps grid; its T-step samples are
+      # The section-2 sampler of docs/SPEC_EDM.md on the teacher_steps grid; its T-step samples are
       # the teacher reference, its S-step samples the students' (and the undistilled baseline).
       self.sample = edm.make_sampler(denoise, config.teacher_steps, clip_x=config.clip_x)
     else:

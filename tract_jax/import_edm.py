@@ -1,4 +1,4 @@
-"""EDM teacher import: an NVlabs/edm network pickle -> an Orbax params checkpoint (spec TRACT_EDM.md
+"""EDM teacher import: an NVlabs/edm network pickle -> an Orbax params checkpoint (docs/SPEC_EDM.md
 section 5), without PyTorch and without running the code inside the pickle.
 
   python -m tract_jax.import_teacher --source=edm-cifar10-32x32-uncond-ve.pkl \

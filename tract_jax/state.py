@@ -45,7 +45,7 @@ def make_optimizer(learning_rate, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.99
 
 def make_edm_optimizer(learning_rate, warmup_samples=0, batch_size=1, grad_clip=0.0, b1=0.9,
                        b2=0.999, eps=1e-8):
-  """Adam of the TRACT-EDM release (TRACT_EDM.md section 4): the learning rate ramps linearly over
+  """Adam of the TRACT-EDM release (docs/SPEC_EDM.md section 4): the learning rate ramps linearly over
   the first `warmup_samples` training samples, lr * min(step * batch_size / warmup_samples, 1) at
   update `step` (0-based), as EDM counts it; global-norm clipping only if grad_clip > 0 (the release
   has none). Non-finite gradient entries are replaced before this, in the step (`finite_grads`)."""

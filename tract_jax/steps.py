@@ -53,7 +53,7 @@ def distill_loss_fn(denoise, plan: phases.PhasePlan, *, reduction, clip_x, condi
 
 
 def edm_teacher_loss_fn(net, *, reduction, conditional, dropout):
-  """EDM teacher training (TRACT_EDM.md, for the demo and user-trained teachers): EDM's loss.
+  """EDM teacher training (docs/SPEC_EDM.md, for the demo and user-trained teachers): EDM's loss.
   net: edm.make_network(model)."""
 
   def loss_fn(params, state, batch, rng):
@@ -66,7 +66,7 @@ def edm_teacher_loss_fn(net, *, reduction, conditional, dropout):
 
 def edm_distill_loss_fn(net, plan: phases.PhasePlan, *, reduction, clip_x, conditional,
                         teacher_net=None, dropout=False):
-  """TRACT-EDM (TRACT_EDM.md section 3) against the state's frozen teacher of its phase.
+  """TRACT-EDM (docs/SPEC_EDM.md section 3) against the state's frozen teacher of its phase.
 
   Phase 0's teacher (the original EDM teacher) takes Heun steps; a later phase's teacher is the
   previous phase's student and takes its own section-2 steps (the release has one phase only).

@@ -37,7 +37,7 @@ def _is_edm(config) -> bool:
 
 
 def _denoiser(config, model):
-  """What the evaluator samples with: EDM's preconditioned D (TRACT_EDM.md), or the DDIM x_hat of
+  """What the evaluator samples with: EDM's preconditioned D (docs/SPEC_EDM.md), or the DDIM x_hat of
   config.model.mean_type."""
   if _is_edm(config):
     return edm.make_denoiser(model)
@@ -108,13 +108,13 @@ def train_distillation(config, workdir: str, plan: phases.PhasePlan, teacher_par
   workdir.mkdir(parents=True, exist_ok=True)
   tract_edm = plan.method == 'tract_edm'
   # Dropout 0 in every network while distilling (spec section 3); TRACT-EDM has a flag for the
-  # student's (TRACT_EDM.md section 4; the teacher and self-teacher never drop out).
+  # student's (docs/SPEC_EDM.md section 4; the teacher and self-teacher never drop out).
   model = factory.build_model(config.model, dropout=config.student_dropout if tract_edm else 0.0,
                               trained=True)
   denoise = _denoiser(config, model)
   evaluator = evaluator or Evaluator(config, denoise, source.image_shape, workdir, mesh)
   opt = config.optimizer
-  if tract_edm:  # no clipping by default, warm-up counted in samples (TRACT_EDM.md section 4)
+  if tract_edm:  # no clipping by default, warm-up counted in samples (docs/SPEC_EDM.md section 4)
     tx = make_edm_optimizer(opt.learning_rate, opt.warmup_samples, config.batch_size,
                             opt.grad_clip, opt.b1, opt.b2, opt.eps)
   else:

@@ -1,6 +1,6 @@
 """The two networks of NVIDIA's EDM (Karras et al. 2022, NVlabs/edm training/networks.py) in Flax.
 
-- `SongUNet`: the DDPM++ / NCSN++ UNet of the CIFAR-10 EDM models (spec TRACT_EDM.md section 5).
+- `SongUNet`: the DDPM++ / NCSN++ UNet of the CIFAR-10 EDM models (docs/SPEC_EDM.md section 5).
   Published CIFAR-10 configurations: model_channels 128, channel_mult (2, 2, 2), 4 blocks per level,
   attention at 16x16; NCSN++ ('ve' pickles): Fourier noise embedding, residual encoder,
   channel_mult_noise 2, resample filter (1, 3, 3, 1); DDPM++ ('vp' pickles): positional embedding,

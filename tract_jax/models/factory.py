@@ -21,7 +21,7 @@ ARCHS = ('ddpm', 'edm_song', 'edm_dhariwal')
 def build_model(model_config, dropout: float = 0.0, *, trained: bool = False,
                 teacher: bool = False) -> nn.Module:
   """The network config.model describes: model.arch 'ddpm' is the UNet of spec section 7,
-  'edm_song' / 'edm_dhariwal' EDM's networks (TRACT_EDM.md section 5). Dropout only for training.
+  'edm_song' / 'edm_dhariwal' EDM's networks (docs/SPEC_EDM.md section 5). Dropout only for training.
 
   trained=True: the network being differentiated, rematerialised as model.remat says (a network
   that is only run forward never is). teacher=True: the frozen teacher's and self-teacher's network,
