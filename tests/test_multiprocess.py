@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from tract_jax import checkpoints
@@ -56,7 +57,17 @@ def student(workdir):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def test_two_processes_preempt_together_and_resume_exactly(tmp_path):
+@pytest.fixture(scope='module')
+def one_process_run(tmp_path_factory):
+  """One uninterrupted 1-process job (8 simulated devices), run once for both tests: the
+  float-tolerance reference of the 2-process runs, and the student the FID/KID test scores."""
+  workdir = str(tmp_path_factory.mktemp('one_process'))
+  codes, outs = finish(start(workdir, processes=1))
+  assert codes == [0], outs[0][-3000:]
+  return workdir
+
+
+def test_two_processes_preempt_together_and_resume_exactly(tmp_path, one_process_run):
   codes, outs = finish(start(str(tmp_path / 'reference')))
   assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
   assert 'over 8 cpu device(s), 2 process(es)' in outs[0]
@@ -84,14 +95,12 @@ def test_two_processes_preempt_together_and_resume_exactly(tmp_path):
   resumed, reference = student(workdir), student(str(tmp_path / 'reference'))
   assert all(np.array_equal(a, b) for a, b in zip(resumed, reference))
 
-  codes, outs = finish(start(str(tmp_path / 'one_process'), processes=1))
-  assert codes == [0], outs[0][-3000:]
-  single = student(str(tmp_path / 'one_process'))
+  single = student(one_process_run)
   scale = max(float(np.max(np.abs(a))) for a in single)
   assert max(float(np.max(np.abs(a - b))) for a, b in zip(single, reference)) < 1e-4 * scale
 
 
-def test_fid_and_kid_from_each_process_share_equal_one_process(tmp_path):
+def test_fid_and_kid_from_each_process_share_equal_one_process(tmp_path, one_process_run):
   """mode=evaluate with FID and KID on 2 processes: each scores its own samples, the float64
   statistics and the KID features are combined, and the scores equal a 1-process evaluation."""
   from tract_jax.evaluation import convert_inception, stats_files
@@ -101,9 +110,7 @@ def test_fid_and_kid_from_each_process_share_equal_one_process(tmp_path):
   stats = str(tmp_path / 'stats.npz')
   stats_files.save_stats(stats, reference.mean(0), np.cov(reference, rowvar=False), 32,
                          resize='torch', features=reference)
-  workdir = str(tmp_path / 'run')
-  codes, outs = finish(start(workdir, processes=1))  # a trained student to score
-  assert codes == [0], outs[0][-3000:]
+  workdir = one_process_run  # a trained student to score (mode=evaluate only adds eval JSON)
   extra = ['--config.mode=evaluate', "--config.eval.metrics=('fid','kid')",
            '--config.eval.fid_samples=16', '--config.eval.inception_batch=8',
            '--config.eval.kid_subset_size=8', '--config.eval.kid_subsets=4',
