@@ -18,41 +18,17 @@ from tract_jax import default_config
 
 
 def get_config():
-  config = default_config.get_config()
+  # The DDIM demo's model, data, teacher-training and evaluation settings; the EDM parts below.
+  config = default_config.sibling(__file__, 'demo').get_config()
   config.method = 'tract_edm'
   config.parametrisation = 'edm'
   config.teacher_steps = 40
   config.time_schedule = '40,1'
-  config.batch_size = 64
   config.train_samples = 800 * 64   # one phase of 800 steps
   config.loss_reduction = 'mean'    # the release: mean over pixels, weight 1
-  config.checkpoint_every = 500
-  config.log_every = 100
-
+  config.teacher_training.loss_reduction = 'mean'
   config.optimizer.learning_rate = 1e-3   # the release's Adam, no clipping
   config.optimizer.grad_clip = 0.0
   config.optimizer.warmup_samples = 0
-
-  config.teacher_training.train_steps = 1600
-  config.teacher_training.batch_size = 64
-  config.teacher_training.learning_rate = 1e-3
-  config.teacher_training.warmup_steps = 100
-  config.teacher_training.ema_decay = 0.999
-  config.teacher_training.dropout = 0.0
-  config.teacher_training.loss_reduction = 'mean'
-
-  config.model.ch = 32
-  config.model.emb_ch = 128
-  config.model.ch_mult = (1, 2)
-  config.model.num_res_blocks = 1
-  config.model.attn_resolutions = (4,)
-  config.model.num_heads = 1
-  config.model.out_ch = 1
-  config.model.num_groups = 8
-
-  config.data.name = 'digits'
-  config.data.random_flip = False   # digits are not mirror-symmetric
-  config.eval.num_samples = 64
-  config.eval.metrics = ('agreement', 'digits_fid')
   config.eval_every = 400
   return config

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tract_jax import methods
+
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
@@ -271,15 +273,6 @@ def tract_target(net, grid: Grid, teacher_params, sema_params, x, eps, labels, i
   return x_t, jax.lax.stop_gradient(f_target)
 
 
-def _reduce(sq_err, reduction: str):
-  axes = tuple(range(1, sq_err.ndim))
-  if reduction == 'mean':
-    return jnp.mean(sq_err, axis=axes)
-  if reduction == 'sum':
-    return jnp.sum(sq_err, axis=axes)
-  raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-
-
 def tract_loss(params, net, grid: Grid, teacher_params, sema_params, x, labels, rng, phase_row, *,
                teacher_heun=True, clip_x: bool = True, reduction: str = 'mean',
                teacher_net=None, dropout: bool = False):
@@ -293,7 +286,7 @@ def tract_loss(params, net, grid: Grid, teacher_params, sema_params, x, labels, 
   x_t, f_target = tract_target(net, grid, teacher_params, sema_params, x, eps, labels, i0, i1, i2,
                                teacher_heun=teacher_heun, clip_x=clip_x, teacher_net=teacher_net)
   f_pred = net(params, x_t, grid.sigma(i0), labels, k_drop if dropout else None)
-  loss = jnp.mean(_reduce(jnp.square(f_pred - f_target), reduction))
+  loss = jnp.mean(methods.per_example(jnp.square(f_pred - f_target), reduction))
   return loss, {'loss': loss}
 
 
@@ -313,5 +306,5 @@ def teacher_loss(params, net, x, labels, rng, *, reduction: str = 'mean', dropou
   # x - c_skip y = (1 - c_skip) x - c_skip sigma n
   f_target = (_b(_one_minus_c_skip(sigma), x) * x - _b(c_skip * sigma, x) * noise) / _b(c_out, x)
   f_pred = net(params, y, sigma, labels, k_drop if dropout else None)
-  loss = jnp.mean(_reduce(jnp.square(f_pred - f_target), reduction))
+  loss = jnp.mean(methods.per_example(jnp.square(f_pred - f_target), reduction))
   return loss, {'loss': loss}

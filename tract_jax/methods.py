@@ -26,7 +26,7 @@ def _check_batch(x, labels):
     chex.assert_shape(labels, (x.shape[0],))
 
 
-def _per_example(sq_err, reduction: str):
+def per_example(sq_err, reduction: str):
   """Squared error (B, H, W, C) -> (B,), summed (official TRACT/BTD) or averaged over pixels."""
   axes = tuple(range(1, sq_err.ndim))
   if reduction == 'sum':
@@ -38,8 +38,7 @@ def _per_example(sq_err, reduction: str):
 
 def _weighted_x_loss(x_pred, target, t, reduction):
   weight = diffusion.snr_weight(t)
-  per_example = weight * _per_example(jnp.square(x_pred - target), reduction)
-  return jnp.mean(per_example)
+  return jnp.mean(weight * per_example(jnp.square(x_pred - target), reduction))
 
 
 def teacher_loss(params, denoise, x, labels, rng, *, reduction='mean', time_sampling='continuous',
