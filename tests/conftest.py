@@ -1,53 +1,38 @@
-"""Shared test setup: CPU only, a per-session persistent compilation cache (many tests build the same
-tiny models), and tiny configs."""
+"""Shared test setup: CPU only, one persistent compilation cache for the tests and every process
+they start (so a program is compiled once per cache, whichever process needs it first), the tiny
+model (tests/tiny.py) and the session's reference run of the tiny job through the command line,
+whose teacher every other test distils from."""
 import os
+import subprocess
+import sys
 import tempfile
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.environ.get('TRACT_TEST_JAX_CACHE') or os.path.join(tempfile.gettempdir(),
+                                                                 'tract_jax_test_cache')
+# Through the environment, so that subprocesses (the CLI, 8-device and 2-process jobs, the notebook
+# kernel, benchmark scripts) share the cache; JAX reads these when it is imported.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ['JAX_COMPILATION_CACHE_DIR'] = CACHE
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-_CACHE = os.environ.get('TRACT_TEST_JAX_CACHE') or os.path.join(tempfile.gettempdir(),
-                                                                  'tract_jax_test_cache')
-jax.config.update('jax_compilation_cache_dir', _CACHE)
+# Also here, in case JAX was imported before this file (a plugin): the in-process tests use it too.
+jax.config.update('jax_compilation_cache_dir', CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny import TINY_JOB_TOTAL, tiny_config, tiny_job_config  # noqa: E402,F401
+from tract_jax import devices  # noqa: E402
 
-def tiny_config(method='tract', **overrides):
-  """A config that trains in seconds on 8x8 digits: one-level UNet with 16 channels."""
-  from tract_jax import default_config
-  config = default_config.get_config()
-  config.method = method
-  config.teacher_steps = 16
-  config.time_schedule = '16,4,1'
-  config.batch_size = 8
-  config.train_samples = 2 * 6 * 8  # two phases of 6 steps
-  config.checkpoint_every = 4
-  config.log_every = 2
-  config.model.ch = 16
-  config.model.emb_ch = 32
-  config.model.ch_mult = (1, 2)
-  config.model.num_res_blocks = 1
-  config.model.attn_resolutions = ()
-  config.model.out_ch = 1
-  config.model.num_groups = 4
-  config.teacher_training.train_steps = 4
-  config.teacher_training.batch_size = 8
-  config.teacher_training.warmup_steps = 2
-  config.teacher_training.dropout = 0.1
-  config.data.name = 'digits'
-  config.data.random_flip = False
-  config.eval.num_samples = 8
-  config.eval.sample_batch = 8
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split('.')
-    for p in path:
-      target = target[p]
-    target[last] = value
-  return config
+# The in-process tests use the CPU devices a tiny job gets by default (config.cpu_devices='auto': one
+# per core dividing the batches), as the command-line runs they are compared with do.
+devices.configure(tiny_config())
 
 
 @pytest.fixture
@@ -55,21 +40,13 @@ def tiny():
   return tiny_config
 
 
-# tests/tiny_job.py run through the real command line: the teacher (6 steps), then TRACT 16 -> 4 -> 1.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_JOB_TOTAL = 12  # distillation steps of tests/tiny_job.py
-
-
 def start_tiny_job(workdir, *overrides, env=None):
   """`python -m tract_jax.main --config=tests/tiny_job.py --workdir=WORKDIR` (local or gs://),
   stdout and stderr merged into one text pipe."""
-  import subprocess
-  import sys
   cmd = [sys.executable, '-m', 'tract_jax.main', '--config=tests/tiny_job.py',
          f'--workdir={workdir}', *overrides]
   return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-                                   **(env or {})))
+                          env=dict(os.environ, PYTHONUNBUFFERED='1', **(env or {})))
 
 
 def sigterm_mid_phase(proc, timeout=120):
@@ -96,7 +73,6 @@ def run_tiny_job(workdir, *overrides, env=None, timeout=300):
 def tiny_job_final_state(workdir):
   """Every array of the last train state and of the final student artefact, as numpy (the workdir
   local or gs://)."""
-  import numpy as np
   import orbax.checkpoint as ocp
   from etils import epath
   workdir = epath.Path(str(workdir))
@@ -107,11 +83,76 @@ def tiny_job_final_state(workdir):
           + [np.asarray(x) for x in jax.tree.leaves(student)])
 
 
+DIGITS_FID_OVERRIDE = "--config.eval.metrics=('agreement','digits_fid')"
+
+
+class TinyJobRun:
+  """The session's uninterrupted tiny job through the command line."""
+
+  def __init__(self, workdir, returncode, output):
+    self.workdir = workdir
+    self.returncode = returncode
+    self.output = output
+    self.teacher = os.path.join(workdir, 'teacher')  # a teacher workdir: a teacher_checkpoint
+
+  def final_state(self):
+    return tiny_job_final_state(self.workdir)
+
+
 @pytest.fixture(scope='session')
-def tiny_job_reference(tmp_path_factory):
-  """The final arrays of one uninterrupted tiny job in a local workdir: what every interrupted and
-  resumed run (test_reliability, test_gcs) must reproduce bit for bit. Run once per session."""
-  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
-  code, out = run_tiny_job(workdir)
+def tiny_job_run(tmp_path_factory):
+  """`python -m tract_jax.main --config=tests/tiny_job.py` once per session: the reference every
+  interrupted and resumed run must reproduce bit for bit, and (its teacher/) the trained teacher
+  every other distillation test starts from. Its compiles fill the cache for the rest."""
+  workdir = str(tmp_path_factory.mktemp('tiny_job'))
+  # An override on the command line (evaluation only: the trained arrays are the same without it).
+  code, out = run_tiny_job(workdir, DIGITS_FID_OVERRIDE)
   assert code == 0, out[-3000:]
-  return tiny_job_final_state(workdir)
+  return TinyJobRun(workdir, code, out)
+
+
+@pytest.fixture(scope='session')
+def tiny_job_reference(tiny_job_run):
+  """The final arrays of the session's uninterrupted tiny job (test_reliability, test_gcs)."""
+  return tiny_job_run.final_state()
+
+
+@pytest.fixture(scope='session')
+def tiny_teacher(tiny_job_run):
+  """The session's trained tiny teacher: a teacher workdir, usable as teacher_checkpoint."""
+  return tiny_job_run.teacher
+
+
+def parse_command_line(*overrides, config_file='configs/demo.py'):
+  """The config `python -m tract_jax.main --config=FILE OVERRIDES...` would run, parsed in-process
+  by the same absl / ml_collections flags as tract_jax.main."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ['main', f'--config={os.path.join(ROOT, config_file)}', *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'job config', flag_values=fv, lock_config=True)
+  saved, sys.argv = sys.argv, argv  # config_flags registers the overrides it finds in sys.argv
+  try:
+    fv(argv)
+  finally:
+    sys.argv = saved
+  return fv.config
+
+
+def same_arrays(a, b) -> bool:
+  """Two lists of numpy arrays equal bit for bit (shapes included)."""
+  return len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope='session')
+def pod_run(tmp_path_factory, tiny_teacher):
+  """Slow tier: tests/pod_job.py once per session, in a subprocess with 8 simulated CPU devices
+  (driver runs on data-8 and FSDP 2x4 meshes, sharded-step equivalence, cross-mesh restores).
+  Returns (root folder, its JSON results, its output)."""
+  import json
+  root = str(tmp_path_factory.mktemp('pod'))
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'pod_job.py'), root,
+                         tiny_teacher], capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-4000:])
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
+  return root, json.loads(line[len('RESULT '):]), proc.stdout

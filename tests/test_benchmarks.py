@@ -20,21 +20,18 @@ import throughput  # noqa: E402  (benchmarks/throughput.py)
 from tract_jax.models import factory  # noqa: E402
 from tract_jax.models.unet import count_params  # noqa: E402
 
-# A one-level 8-channel UNet on the digits: compiles in seconds.
-TINY = ['--config.teacher_steps=16', '--config.time_schedule=16,4,1', '--config.model.ch=8',
-        '--config.model.emb_ch=16', '--config.model.ch_mult=(1,)',
-        '--config.model.attn_resolutions=()', '--config.model.num_groups=4']
+# The tests' tiny model (tests/tiny.py): its programs are in the session's compilation cache.
+TINY_JOB = '--config=tests/tiny_job.py'
 
 
 def run_script(name, *args, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or '')
   result = subprocess.run([sys.executable, os.path.join(BENCHMARKS, name), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
   return result.stdout
 
 
+@pytest.mark.slow
 def test_host_sync_tiny(tiny):
   """The host-read benchmark runs the tiny TRACT step both ways and reports two positive times."""
   import host_sync
@@ -42,10 +39,11 @@ def test_host_sync_tiny(tiny):
   assert set(out) == {'no_read', 'read_per_step'} and min(out.values()) > 0
 
 
+@pytest.mark.slow
 def test_throughput_tiny(tmp_path):
   out = tmp_path / 'throughput.json'
   cache = jax.config.jax_compilation_cache_dir or 'none'  # the tests' cache: reruns load compiles
-  stdout = run_script('throughput.py', '--config=configs/demo.py', *TINY, '--batch=8', '--steps=2',
+  stdout = run_script('throughput.py', TINY_JOB, '--batch=8', '--steps=2',
                       '--peak_size=256', f'--json={out}', f'--compile_cache={cache}',
                       '--what=teacher,tract,btd,sample,fid', '--fid_batch=2', '--fid_size=75')
   result = json.loads(out.read_text())
@@ -101,6 +99,7 @@ def test_lowered_flops_of_the_cifar10_forward():
   assert throughput.lowered_flops(lambda x, y: x @ y, a, a) == 2 * 64 ** 3
 
 
+@pytest.mark.slow
 def test_gpu_check_script(tmp_path):
   """benchmarks/gpu_check.sh parses (bash -n) and its --dry-run (tiny models on CPU) writes the
   table and the JSON with every run ok."""
@@ -140,8 +139,9 @@ def test_cost_flops_shapes(analysis, expected):
   assert throughput.cost_flops(_Analysed(analysis)) == expected
 
 
+@pytest.mark.slow
 def test_scaling_quick():
-  stdout = run_script('scaling.py', '--quick', '--devices=1,8', *TINY, timeout=400)
+  stdout = run_script('scaling.py', '--quick', '--devices=1,8', TINY_JOB, timeout=400)
   lines = stdout.splitlines()
   start = next(i for i, l in enumerate(lines) if l.split()[:2] == ['devices', 'batch/device'])
   table = [l.split() for l in lines[start + 2:start + 4]]
@@ -189,12 +189,11 @@ def test_quality_grid_and_table(tmp_path):
   assert 'TRACT 16,8,1' in table and '0.1000' in table and 'real digits (32)' in table
 
 
+@pytest.mark.slow
 def test_quality_pipeline_one_method(tmp_path, tiny):
   """Teacher training, one TRACT run, sampling and scoring, the JSON and the grid; a second call
   reuses the finished teacher and run."""
-  config = tiny(**{'teacher_training.train_steps': 2, 'teacher_training.dropout': 0.0,
-                   'eval.num_samples': 8, 'eval.sample_batch': 8, 'model.ch': 8, 'model.emb_ch': 16,
-                   'model.ch_mult': (1,), 'model.num_groups': 4})
+  config = tiny(**{'teacher_training.train_steps': 2})
   kwargs = dict(budget=2 * 2 * config.batch_size, num_samples=16, keys=['tract_16-8-1'],
                 intermediate=8, log=lambda *a: None)
   result = quality.run_quality(config, str(tmp_path), **kwargs)

@@ -381,6 +381,7 @@ def test_tfds_real_files(name, shape, labels, tmp_path, no_download):
   assert 'tensorflow' not in sys.modules
 
 
+@pytest.mark.slow
 def test_a_worker_process_reads_the_same_batches_and_reports_errors(tmp_path, no_download):
   """One spawned worker over real array_record files (the TFDS source pickled into it): the same
   batches as in-process reading, then the error of a bad example from the worker, with its type."""

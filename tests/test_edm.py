@@ -411,6 +411,7 @@ def test_plan_supports_what_phases_express():
 
 
 # ---- through the driver ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_end_to_end_edm_teacher_then_tract_edm(tmp_path):
   """The driver trains an EDM teacher, distils it 8 -> 2 -> 1 (Heun in phase 0, the distilled
   teacher's own steps in phase 1: one compiled step), evaluates with the EDM sampler, resumes."""
@@ -436,6 +437,7 @@ def test_end_to_end_edm_teacher_then_tract_edm(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_class_conditional_tract_edm(tmp_path):
   """EDM's class-conditional DhariwalUNet (labels as one-hot vectors) distilled from a given
   teacher checkpoint (its initial weights: the teacher job is tested above), with student dropout:
@@ -458,35 +460,3 @@ def test_class_conditional_tract_edm(tmp_path):
   out = edm.make_denoiser(model)(params, jnp.ones((2, 8, 8, 1)), jnp.full((2,), 1.0),
                                  jnp.array([0, 7]))
   assert not np.allclose(out[0], out[1])
-
-
-# ---- the job configs ---------------------------------------------------------------------------------
-@pytest.mark.parametrize('name,arch,classes', [('cifar10_edm_tract', 'edm_song', 0),
-                                               ('imagenet64_edm_tract', 'edm_dhariwal', 1000),
-                                               ('demo_edm', 'ddpm', 0)])
-def test_edm_configs(name, arch, classes):
-  import importlib.util
-  import re
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(f'config_{name}', os.path.join(root, 'configs',
-                                                                               f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  assert (config.method, config.parametrisation, config.model.arch) == ('tract_edm', 'edm', arch)
-  assert config.model.num_classes == classes
-  config_checks._check_parametrisation(config)
-  plan = phases.make_plan(config.method, config.teacher_steps, config.time_schedule,
-                          config.train_samples, config.batch_size, config.ema_residual)
-  assert plan.schedule == (40, 1) and config.loss_reduction == 'mean'
-  assert config.optimizer.grad_clip == 0 and config.optimizer.learning_rate == 1e-3
-  command = ' '.join(module.__doc__.replace('\\\n', ' ').split())
-  assert f'python -m tract_jax.main --config=configs/{name}.py' in command
-  if name == 'demo_edm':
-    return
-  assert 'Hardware' in module.__doc__ and 'Expected result' in module.__doc__
-  assert (config.batch_size, config.train_samples) == (512, 96 * 2**20)
-  assert plan.steps_per_phase == 196_608 and round(plan.ema_momentum, 8) == 0.99996487
-  source = 'edm-cifar10-32x32-uncond-ve.pkl' if classes == 0 else 'edm-imagenet-64x64-cond-adm.pkl'
-  assert f'python -m tract_jax.import_teacher --source={source}' in command
-  assert re.findall(r'--output=(\S+)', command) == [config.teacher_checkpoint]

@@ -77,6 +77,7 @@ def test_export_round_trip(tmp_path):
                          str(tmp_path / 'x.msgpack'))
 
 
+@pytest.mark.slow
 def test_export_command_line(tmp_path):
   config = tiny_config()
   saved = fake_run(str(tmp_path / 'run'), config)

@@ -52,6 +52,7 @@ def _logged_steps(summary: epath.Path, key: str):
   return sorted(int(re.search(r'"step": (\d+)', line).group(1)) for line in lines)
 
 
+@pytest.mark.slow
 @needs_emulator
 def test_gs_workdir_train_sigterm_resume_evaluate_sample(gcs, tiny_job_reference):
   """The tiny job (teacher, then TRACT 16 -> 4 -> 1) with --workdir=gs://...: SIGTERM mid-phase saves
@@ -118,6 +119,7 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 @needs_emulator
 def test_tfds_export_import_and_overwrite_on_gs(gcs, tmp_path):
   root = f'gs://{gcs.bucket}/misc'

@@ -270,6 +270,7 @@ def _no_trace(marker):
   assert not [m for m in sys.modules if m.startswith('_imported_module_')]
 
 
+@pytest.mark.slow
 def test_command_line_import_round_trips_the_weights(tmp_path):
   config = song_config()
   params = random_params(config)

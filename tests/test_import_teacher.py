@@ -76,6 +76,7 @@ def run_cli(*args):
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
 
 
+@pytest.mark.slow
 def test_command_line_import_matches_source_outputs(tmp_path):
   config = small_config()
   params = random_params(config)
@@ -93,6 +94,7 @@ def test_command_line_import_matches_source_outputs(tmp_path):
   np.testing.assert_array_equal(network_outputs(config, loaded), network_outputs(config, params))
 
 
+@pytest.mark.slow
 def test_command_line_mismatch_is_one_clean_line(tmp_path):
   config = small_config()
   ema = jax.tree.map(np.array, random_params(config))

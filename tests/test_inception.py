@@ -185,6 +185,7 @@ def test_converter_rejects_wrong_files():
   assert len(convert_inception.convert_state_dict(ok)) == 94 * 5 + 2
 
 
+@pytest.mark.slow
 def test_network_runs_and_batches_consistently(features_299):
   rng = np.random.default_rng(1)
   images = rng.uniform(-1, 1, size=(3, 16, 16, 3)).astype(np.float32)
@@ -200,6 +201,7 @@ def test_network_runs_and_batches_consistently(features_299):
   np.testing.assert_allclose(features_299(snapped + 1e-3), feats[:2], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_feature_function_matches(weight_file, features_299):
   mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
   sharded = inception.load_inception(weight_file[1], mesh=mesh, batch_size=2)
@@ -209,6 +211,7 @@ def test_sharded_feature_function_matches(weight_file, features_299):
     inception.InceptionFeatures(inception.load_variables(weight_file[1]), size=64)
 
 
+@pytest.mark.slow
 def test_golden_pytorch_fid_synthetic_weights(weight_file, features_299):
   """Our network and pipeline (resize='torch') against pytorch-fid's own InceptionV3 as the paper's
   code uses it, on the same synthetic weights, at 32x32, 64x64 (resized to 299 by each) and 299x299.
@@ -277,6 +280,7 @@ def test_reference_stats_accumulates_a_source():
 # ---- real weights (optional) -----------------------------------------------------------------------
 @pytest.mark.skipif(not os.environ.get('TRACT_INCEPTION_WEIGHTS'),
                     reason='set TRACT_INCEPTION_WEIGHTS to a converted FID Inception .npz')
+@pytest.mark.slow
 def test_golden_features_with_real_weights():
   features = inception.load_inception(os.environ['TRACT_INCEPTION_WEIGHTS'], batch_size=4)
   golden_path = os.environ.get('TRACT_INCEPTION_GOLDEN')

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(ROOT, 'launch', 'tpu_vm.sh')
 GPU = os.path.join(ROOT, 'launch', 'gpu.sh')

@@ -189,3 +189,102 @@ def test_loss_reduction_and_weight(reduction, factor):
   w = np.maximum(a**2 / s**2, 1.0)
   per_pixel = np.mean((pred - np.asarray(target)) ** 2, axis=(1, 2, 3))
   np.testing.assert_allclose(float(loss), np.mean(w * per_pixel * factor), rtol=1e-4)
+
+
+# ---- class labels: every network of a conditional model gets the example's label -----------------
+LABELLED = {'teacher': {'w': 0.9, 'b': -0.4, 'c': 0.15}, 'sema': {'w': 1.1, 'b': 0.3, 'c': -0.2},
+            'student': {'w': 0.7, 'b': 0.2, 'c': 0.25}}
+
+
+def ref_net_labelled(p, labels):
+  """The float64 stand-in with a label term, for one label vector: (z, t) -> x_hat."""
+  return lambda z, t: 1.3 * np.tanh(p['w'] * z + p['b'] * b4(t) + p['c'] * b4(labels) + 0.1)
+
+
+def jax_net_labelled(p, z, t, labels):
+  shift = p['c'] * labels.astype(jnp.float32)[:, None, None, None]
+  return 1.3 * jnp.tanh(p['w'] * z + p['b'] * t[:, None, None, None] + shift + 0.1)
+
+
+def ref_tract_target_of(teacher_net, sema_net, x, eps, i0, i1, i2):
+  t0, t1, t2 = i0 / T, i1 / T, i2 / T
+  a0, s0 = ref_alpha_sigma(t0)
+  z0 = b4(a0) * x + b4(s0) * eps
+  z1 = ref_ddim(z0, teacher_net(z0, t0), t0, t1, clip=True)
+  z2 = np.where(b4(i1 == i2) > 0, z1, ref_ddim(z1, sema_net(z1, t1), t1, t2, clip=True))
+  return ref_inverse(z0, z2, t0, t2)
+
+
+def test_labels_reach_the_teacher_and_the_self_teacher():
+  """The TRACT target of a conditional model equals the float64 reference in which the teacher and
+  the self-teacher both see each example's label; a target built with either network unlabelled,
+  or with the labels permuted, is far from it."""
+  i0 = np.array([1024, 1000, 700, 512, 300, 64, 40, 50])
+  i1, i2 = i0 - 1, (i0 - 1) // 32 * 32
+  assert np.all(i1 != i2)  # the self-teacher step is taken in every example
+  x, eps = _inputs(len(i0), 7)
+  labels = np.array([0, 3, 9, 1, 7, 2, 5, 8])
+  permuted = labels[::-1]
+  p = {k: jax.tree.map(jnp.float32, v) for k, v in LABELLED.items()}
+
+  def ours(lab):
+    return methods.tract_target(jax_net_labelled, p['teacher'], p['sema'], x, eps,
+                                jnp.asarray(lab), *(jnp.asarray(i, jnp.int32) for i in (i0, i1, i2)),
+                                teacher_steps=T)[2]
+
+  def ref(teacher_labels, sema_labels):
+    return ref_tract_target_of(ref_net_labelled(LABELLED['teacher'], teacher_labels),
+                               ref_net_labelled(LABELLED['sema'], sema_labels),
+                               x.astype(np.float64), eps.astype(np.float64), i0, i1, i2)
+
+  target = ours(labels)
+  assert _rel(target, ref(labels, labels)) < 1e-4
+  none = np.zeros_like(labels)
+  assert _rel(target, ref(none, labels)) > 1e-2  # a teacher without labels gives another target
+  assert _rel(target, ref(labels, none)) > 1e-2  # so does a self-teacher without labels
+  assert _rel(ours(permuted), ref(permuted, permuted)) < 1e-4
+  assert _rel(ours(permuted), np.asarray(target, np.float64)) > 1e-2
+
+
+def test_labels_reach_the_student_and_both_btd_teacher_calls():
+  x, eps = _inputs(8, 8)
+  labels = jnp.asarray([0, 3, 9, 1, 7, 2, 5, 8])
+  p = {k: jax.tree.map(jnp.float32, v) for k, v in LABELLED.items()}
+  row = jnp.asarray(PLAN.phase_table()[1])
+  rng = jax.random.PRNGKey(3)
+  loss, _ = methods.tract_loss(p['student'], jax_net_labelled, p['teacher'], p['sema'],
+                               jnp.asarray(x), labels, rng, row, teacher_steps=T)
+  # The same examples rebuilt by hand: the student's prediction with the labels ...
+  k_times, k_eps = jax.random.split(rng)
+  i0, i1, i2 = methods.tract_times(k_times, row, 8)
+  noise = jax.random.normal(k_eps, x.shape, x.dtype)
+  z0, t0, target = methods.tract_target(jax_net_labelled, p['teacher'], p['sema'], jnp.asarray(x),
+                                        noise, labels, i0, i1, i2, teacher_steps=T)
+  a, s = ref_alpha_sigma(np.asarray(t0, np.float64))
+  weight = np.maximum(a**2 / s**2, 1.0)
+
+  def by_hand(student_labels):
+    pred = np.asarray(jax_net_labelled(p['student'], z0, t0, student_labels), np.float64)
+    return np.mean(weight * np.sum((pred - np.asarray(target, np.float64)) ** 2, axis=(1, 2, 3)))
+
+  np.testing.assert_allclose(float(loss), by_hand(labels), rtol=1e-4)
+  assert abs(float(loss) / by_hand(labels[::-1]) - 1) > 1e-2  # ... not with other labels
+
+  # BTD: both teacher half-steps see the labels.
+  i0 = np.array([1024, 512, 256, 64, 8, 4])
+  i1, i2 = i0 - 2, i0 - 4
+  lab = np.array([1, 4, 9, 0, 6, 2])
+  _, _, btd = methods.btd_target(jax_net_labelled, p['teacher'], x[:6], eps[:6], jnp.asarray(lab),
+                                 *(jnp.asarray(i, jnp.int32) for i in (i0, i1, i2)), teacher_steps=T)
+
+  def ref_btd(first, second):
+    t0, t1, t2 = i0 / T, i1 / T, i2 / T
+    a0, s0 = ref_alpha_sigma(t0)
+    z0 = b4(a0) * x[:6].astype(np.float64) + b4(s0) * eps[:6].astype(np.float64)
+    z1 = ref_ddim(z0, ref_net_labelled(LABELLED['teacher'], first)(z0, t0), t0, t1, clip=False)
+    x_hat2 = ref_net_labelled(LABELLED['teacher'], second)(z1, t1)
+    z2 = ref_ddim(z1, x_hat2, t1, t2, clip=False)
+    return np.where(b4(i2 == 0) > 0, x_hat2, ref_inverse(z0, z2, t0, t2))  # s = 0: x_hat2
+
+  assert _rel(btd, ref_btd(lab, lab)) < 1e-4
+  assert _rel(btd, ref_btd(lab, 0 * lab)) > 1e-2 and _rel(btd, ref_btd(0 * lab, lab)) > 1e-2

@@ -1,32 +1,19 @@
-"""Sharded steps on 8 simulated CPU devices equal the 1-device steps; checkpoints cross-restore."""
-import json
-import os
-import subprocess
-import sys
-
+"""Sharded steps on 8 simulated CPU devices equal the 1-device steps, and state checkpoints restore
+across meshes (slow tier: the session's 8-device subprocess, conftest `pod_run`); the mesh and FSDP
+rules themselves (default tier)."""
 import pytest
 
 from tract_jax import parallel
 from tract_jax.errors import ConfigError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
-
-@pytest.fixture(scope='module')
-def results():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, os.path.join(HERE, 'sharding_worker.py')], capture_output=True,
-                        text=True, timeout=900, env=env)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
-  return json.loads(line[len('RESULT '):])
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['teacher', 'tract', 'btd'])
 @pytest.mark.parametrize('mesh', ['dp8', 'fsdp2x4'])
-def test_sharded_step_equals_single_device(results, method, mesh):
+def test_sharded_step_equals_single_device(pod_run, method, mesh):
+  _, results, _ = pod_run
   assert results['num_devices'] == 8
-  r = results[f'{method}/{mesh}']
+  r = results['sharding'][f'{method}/{mesh}']
   assert abs(r['loss'] - r['loss_ref']) <= 1e-5 * max(1.0, abs(r['loss_ref']))
   assert r['max_param_diff'] < 1e-5
   if mesh == 'fsdp2x4':
@@ -35,25 +22,26 @@ def test_sharded_step_equals_single_device(results, method, mesh):
     assert r['sharded_leaves'] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('direction', ['fsdp2x4->1dev', '1dev->fsdp2x4'])
-def test_checkpoint_cross_restore(results, direction):
-  r = results[f'restore/{direction}']
+def test_checkpoint_cross_restore(pod_run, direction):
+  r = pod_run[1]['sharding'][f'restore/{direction}']
   assert r['equal'] and r['target_shardings']
-
-
-def test_mesh_validation_messages():
-  with pytest.raises(ConfigError, match='mesh.fsdp=3'):
-    parallel.make_mesh(-1, 3)
-  with pytest.raises(ConfigError, match='data \\* fsdp must equal'):
-    parallel.make_mesh(2, 1)
-  with pytest.raises(ConfigError, match='batch_size=7'):
-    parallel.check_batch(7, _fake_mesh(2))
 
 
 def _fake_mesh(n):
   class M:
     shape = {'data': n, 'fsdp': 1}
   return M()
+
+
+def test_mesh_validation_messages():
+  with pytest.raises(ConfigError, match='mesh.fsdp=3'):
+    parallel.make_mesh(-1, 3)
+  with pytest.raises(ConfigError, match='data \\* fsdp must equal'):
+    parallel.make_mesh(2, 1, [object()] * 3)
+  with pytest.raises(ConfigError, match='batch_size=7'):
+    parallel.check_batch(7, _fake_mesh(2))
 
 
 def test_fsdp_rule():

@@ -1,4 +1,5 @@
-"""Runs that survive: kills, signals, corrupt checkpoints, non-finite losses, reused workdirs."""
+"""Runs that survive: kills and signals through the command line (slow tier), corrupt checkpoints,
+non-finite losses, reused workdirs."""
 import glob
 import os
 import random
@@ -43,6 +44,7 @@ def _event_line(event):
   return lambda line: line.startswith('[tract phase') and f' step {event - 6}/' in line
 
 
+@pytest.mark.slow
 def test_sigkill_at_three_random_moments_then_resume_exactly(reference, tmp_path):
   """SIGKILL right after a random update (plus a random delay, so some kills land inside an async
   checkpoint save) three times; the resumed run ends bit-identical to an uninterrupted one."""
@@ -69,6 +71,7 @@ def test_sigkill_at_three_random_moments_then_resume_exactly(reference, tmp_path
   assert _same(final_state(workdir), reference), f'kill seed {seed}, kills {kills}'
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path):
   workdir = str(tmp_path)
   proc = start_job(workdir)
@@ -166,10 +169,10 @@ def test_incompatible_workdir_is_refused_unless_overwrite(tmp_path, capsys):
   config.log_every = 1
   train.train_and_evaluate(config, workdir)
   assert 'Teacher already trained' in capsys.readouterr().out
-  config.model.ch = 8
+  config.seed = 7  # another run (the same model, so nothing new to compile)
   with pytest.raises(ConfigError, match='another configuration') as info:
     train.train_and_evaluate(config, workdir)
-  assert 'model' in str(info.value) and 'overwrite=True' in str(info.value)
+  assert 'seed: 0 -> 7' in str(info.value) and 'overwrite=True' in str(info.value)
   config.overwrite = True
   train.train_and_evaluate(config, workdir)
   assert 'deleting the previous run' in capsys.readouterr().out

@@ -118,6 +118,10 @@ def get_config():
   config.mesh.data = -1            # data-parallel size; -1 = all devices not used by fsdp
   config.mesh.fsdp = 1             # > 1 shards large parameters (and optimiser state) over devices
   config.mesh.fsdp_min_size = 2**18  # leaves with fewer elements stay replicated
+  # XLA CPU devices of a CPU run (tract_jax/devices.py): 'auto' = one per core (at most 8) dividing
+  # every batch, unless JAX_NUM_CPU_DEVICES / XLA_FLAGS already set a count; or a positive integer.
+  # GPU/TPU runs use their accelerators whatever this says.
+  config.cpu_devices = 'auto'
   config.distributed = 'auto'      # jax.distributed.initialize(): 'auto' (multi-host env), 'always', 'never'
   # JAX's persistent compilation cache (local or gs://; '' = off): a restart loads its compiled steps.
   config.compilation_cache_dir = '~/.cache/tract_jax/jax_cache'

@@ -18,8 +18,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  from tract_jax import train  # after flag parsing: importing JAX is slow
+  from tract_jax import devices  # after flag parsing: importing JAX is slow
   try:
+    devices.configure(FLAGS.config)  # before anything starts JAX's backend
+    from tract_jax import train
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:
     print(f'Configuration error: {e}', file=sys.stderr)

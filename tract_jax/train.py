@@ -11,7 +11,8 @@ import time
 
 import jax
 
-from tract_jax import checkpoints, config_checks, data, edm, parallel, paths, phases, steps, writers
+from tract_jax import (checkpoints, config_checks, data, devices, edm, parallel, paths, phases,
+                       steps, writers)
 from tract_jax.evaluator import Evaluator
 from tract_jax.loop import SignalFlag, StepLoop
 from tract_jax.models import factory
@@ -175,6 +176,7 @@ def train_distillation(config, workdir: str, plan: phases.PhasePlan, teacher_par
 def train_and_evaluate(config, workdir: str):
   """The whole job the config describes: (teacher training), every distillation phase, evaluation."""
   start = time.time()
+  devices.configure(config)  # CPU device count, before JAX starts (no-op once it runs)
   paths.check('workdir', workdir)  # a local folder or a bucket (gs://...): see paths.py
   plan = config_checks.validate_config(config)               # validate
   parallel.use_compilation_cache(config.get('compilation_cache_dir', ''))

@@ -1,32 +1,62 @@
-"""Run by test_parallel.py in a subprocess with 8 simulated CPU devices (XLA_FLAGS must be set before
-JAX starts, so this cannot share the pytest process). Prints one JSON line of results."""
+"""Run by the slow tier's `pod_run` fixture (conftest.py) in ONE subprocess with 8 simulated CPU
+devices (the device count is fixed before JAX starts, so this cannot share the pytest process):
+
+- the driver as a pod user runs it: the tiny job (teacher, then TRACT) on a data-8 mesh, every
+  checkpoint kept (the 1-device resume and the 2-process comparison read them); BTD on an FSDP 2x4
+  mesh from the session's teacher checkpoint, then evaluate and sample that workdir there;
+- one sharded update of the teacher, TRACT and BTD steps on data-8 and FSDP 2x4 meshes against the
+  same update on 1 device, and state checkpoints restored across those meshes.
+
+  python tests/pod_job.py ROOT TEACHER_CHECKPOINT
+
+Prints one JSON line of results ('RESULT {...}')."""
 import json
 import os
 import sys
 import tempfile
 
 os.environ['JAX_PLATFORMS'] = 'cpu'
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import chex  # noqa: E402
-
-chex.set_n_cpu_devices(8)  # before JAX starts its backend: 8 simulated CPU devices
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
 import jax  # noqa: E402
+
+jax.config.update('jax_num_cpu_devices', 8)  # before JAX starts its backend
+
 import numpy as np  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
+from tiny import tiny_config, tiny_job_config  # noqa: E402
 from tract_jax import checkpoints, config_checks, data, parallel, state as state_lib, steps  # noqa: E402
+from tract_jax import train  # noqa: E402
 from tract_jax.models import factory  # noqa: E402
 
 MESHES = {'1dev': (1, 1, 1), 'dp8': (8, 1, 8), 'fsdp2x4': (2, 4, 8)}  # data, fsdp, devices used
 FSDP_MIN = 64  # small, so that the tiny model's larger leaves really get sharded
 
 
+def driver_runs(root, teacher):
+  out = {}
+  # The tiny job on data-8, every checkpoint kept.
+  tract = tiny_job_config()
+  tract.keep_checkpoints = 100
+  result = train.train_and_evaluate(tract, os.path.join(root, 'tract'))
+  out['tract_ratio'] = result['ratio']
+  # BTD on an FSDP 2x4 mesh (small leaves sharded too), then evaluate and sample its workdir there.
+  btd = tiny_config('btd', teacher_checkpoint=teacher, time_schedule='16,8,4')
+  btd.mesh.update(data=2, fsdp=4, fsdp_min_size=FSDP_MIN)
+  btd_dir = os.path.join(root, 'btd')
+  out['btd_result'] = train.train_and_evaluate(btd, btd_dir)
+  btd.mode = 'evaluate'
+  out['btd_evaluate'] = train.train_and_evaluate(btd, btd_dir)
+  btd.mode = 'sample'
+  sampled = train.train_and_evaluate(btd, btd_dir)
+  out['btd_samples_shape'] = list(np.load(sampled['samples'])['images'].shape)
+  return out
+
+
 def perturbed_params(config):
   model = factory.build_model(config.model)
   params = factory.init_params(model, (8, 8, 1), 0)
-  # (tiny_config's shapes are used throughout; ch_mult=(1,) keeps compiles short)
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
@@ -34,11 +64,10 @@ def perturbed_params(config):
 
 
 def one_step(method, mesh):
+  """Two updates of `method`'s step on `mesh`: (loss, host state, sharded leaves, state)."""
   config = tiny_config(method if method != 'teacher' else 'tract')
   config.optimizer.eps = 1e-3  # smooth in the gradient: compares sharding, not Adam's sign(g)
   config.batch_size = 16
-  config.model.ch_mult = (1,)  # one level: the fewest ops that still exercise every block type
-  config.model.attn_resolutions = (8,)
   if method == 'btd':
     config.time_schedule = '16,8'
   params = perturbed_params(config)
@@ -68,9 +97,9 @@ def one_step(method, mesh):
   return float(metrics['loss']), jax.tree.map(parallel.to_host, state), sharded, state
 
 
-def main():
+def sharding_checks():
   devices = jax.devices()
-  out = {'num_devices': len(devices)}
+  out = {}
   saved = {}
   for method in ('teacher', 'tract', 'btd'):
     ref = None
@@ -81,8 +110,9 @@ def main():
         ref = (loss, host_state)
         diff = 0.0
       else:
-        diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))) if a.size else 0.0,
-                                             ref[1].params, host_state.params))
+        diffs = jax.tree.leaves(jax.tree.map(
+            lambda a, b: float(np.max(np.abs(a - b))) if a.size else 0.0, ref[1].params,
+            host_state.params))
         diff = max(diffs)
       out[f'{method}/{name}'] = {'loss': loss, 'loss_ref': ref[0], 'max_param_diff': diff,
                                  'sharded_leaves': sharded}
@@ -102,8 +132,15 @@ def main():
     shardings_ok = all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(like),
                                                                 jax.tree.leaves(restored)))
     out[f'restore/{src}->{dst}'] = {'equal': same, 'target_shardings': shardings_ok}
+  return out
+
+
+def main(root, teacher):
+  out = {'num_devices': len(jax.devices())}
+  out.update(driver_runs(root, teacher))
+  out['sharding'] = sharding_checks()
   print('RESULT ' + json.dumps(out))
 
 
 if __name__ == '__main__':
-  main()
+  main(*sys.argv[1:3])

@@ -1,0 +1,73 @@
+"""Slow tier: the driver in-process for the methods and model kinds the default tier's end-to-end
+run (test_train.py, TRACT) does not cover: BTD's phases from the session's teacher, and a
+class-conditional TRACT job."""
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import tiny_config
+from tract_jax import train
+
+pytestmark = pytest.mark.slow
+
+
+def _tree(path):
+  with ocp.StandardCheckpointer() as ckptr:
+    return [np.asarray(x) for x in jax.tree.leaves(ckptr.restore(path))]
+
+
+def _same(a, b):
+  return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_btd_phases_from_a_teacher_checkpoint(tiny_teacher, tmp_path):
+  """BTD 16 -> 8 -> 4: a student artefact and grid per phase; at the phase change the evaluation EMA
+  became the teacher; BTD keeps no self-teacher."""
+  config = tiny_config('btd', teacher_checkpoint=tiny_teacher, time_schedule='16,8,4')
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result['student_steps'] == 4
+  for k, steps in enumerate((8, 4)):
+    assert os.path.isdir(tmp_path / f'phase_{k}_ema')
+    assert os.path.exists(tmp_path / f'phase{k}_student_{steps}steps.png')
+  with ocp.StandardCheckpointer() as ckptr:
+    last = ckptr.restore(tmp_path / 'checkpoints' / '12' / 'default')
+  assert last['sema_params'] is None or not jax.tree.leaves(last['sema_params'])
+  assert int(last['phase']) == 1
+  leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
+  assert _same(leaves(last['teacher_params']), _tree(tmp_path / 'phase_0_ema'))
+  assert _same(leaves(last['ema_params']), _tree(tmp_path / 'phase_1_ema'))
+  # The first phase's teacher was the checkpoint's: phase 0's student moved away from it.
+  assert not _same(_tree(tmp_path / 'phase_0_ema'),
+                   _tree(os.path.join(tiny_teacher, 'ema_params')))
+
+
+def test_class_conditional_tract_job(tmp_path):
+  """A class-conditional 'both'-output UNet through the whole chained job. Such a network refuses
+  to run without labels (test_unet), so the job finishing shows that the teacher's training, the
+  teacher, self-teacher and student calls and the evaluator all passed them (which labels: the
+  float64 tests of test_methods); the grids carry each sample's class."""
+  config = tiny_config('tract', train_samples=2 * 8, time_schedule='16,1')
+  config.model.num_classes = 10
+  config.model.mean_type = 'both'
+  config.model.out_ch = 2
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result['student_steps'] == 1
+  assert os.path.exists(tmp_path / 'phase0_student_1steps.png')
+  # mode=sample keeps each sample's label and draws it on the grid.
+  config.mode = 'sample'
+  out = train.train_and_evaluate(config, str(tmp_path))
+  saved = np.load(out['samples'])
+  labels = saved['labels']
+  assert labels.shape == (8,) and labels.min() >= 0 and labels.max() < 10
+  assert len(set(labels.tolist())) > 1  # uniformly random classes, not one
+  from PIL import Image
+  from tract_jax import writers
+  images = saved['images'].astype(np.float32) / 127.5 - 1
+  plain = writers.save_grid(str(tmp_path / 'plain.png'), images)
+  labelled = writers.save_grid(str(tmp_path / 'labelled.png'), images, labels=labels)
+  written = np.asarray(Image.open(out['samples'][:-4] + '.png'))
+  assert np.array_equal(written, np.asarray(Image.open(labelled)))
+  assert not np.array_equal(written, np.asarray(Image.open(plain)))
