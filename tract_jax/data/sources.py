@@ -136,6 +136,10 @@ def load_npz(path: str, image_size: int = 0) -> ArraySource:
   """uint8 'images' (N, H, W) or (N, H, W, C), C in (1, 3), and optional int 'labels' (N,) >= 0."""
   where = f'data.name={path!r}'
   try:
+    with open(path, 'rb') as f:
+      magic = f.read(6)
+    if not magic.startswith(b'PK') and magic != b'\x93NUMPY':
+      raise ValueError('not a zip archive of .npy arrays, as np.savez writes')
     loaded = np.load(path, allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):  # an .npy file under an .npz name
       raise ValueError(f'it holds one {loaded.dtype} {loaded.shape} array, not named arrays')
