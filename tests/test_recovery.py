@@ -5,13 +5,16 @@ import errno
 import glob
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import run_tiny_job, tiny_config, tiny_job_final_state
+from conftest import ROOT, run_tiny_job, tiny_config, tiny_job_final_state
 from tract_jax import checkpoints, state as state_lib
 from tract_jax.errors import CheckpointError
 from tract_jax.evaluation import stats_files
@@ -147,8 +150,8 @@ def test_io_errors_during_a_restore_are_retried_not_set_aside(tmp_path, small_st
 
   # Two failures, then the read works: the newest step is restored, nothing moved.
   with checkpoints.StateCheckpoints(directory) as ckpts:
-    flaky, calls = _flaky(ckpts.manager.restore, 2, OSError(errno.EIO, 'Input/output error'))
-    monkeypatch.setattr(ckpts.manager, 'restore', flaky)
+    flaky, calls = _flaky(ckpts.restore, 2, OSError(errno.EIO, 'Input/output error'))
+    monkeypatch.setattr(ckpts, 'restore', flaky)
     assert int(ckpts.restore_or_keep(small_state).step) == 4
   out = capsys.readouterr().out
   assert len(calls) == 3 and out.count('retrying in 0s') == 2, out
@@ -156,8 +159,8 @@ def test_io_errors_during_a_restore_are_retried_not_set_aside(tmp_path, small_st
 
   # The storage stays unreachable: a one-line CheckpointError, and every step stays in place.
   with checkpoints.StateCheckpoints(directory) as ckpts:
-    flaky, calls = _flaky(ckpts.manager.restore, 99, _tensorstore_failure('UNAVAILABLE'))
-    monkeypatch.setattr(ckpts.manager, 'restore', flaky)
+    flaky, calls = _flaky(ckpts.restore, 99, _tensorstore_failure('UNAVAILABLE'))
+    monkeypatch.setattr(ckpts, 'restore', flaky)
     with pytest.raises(CheckpointError, match='after 4 attempts; nothing was moved') as info:
       ckpts.restore_or_keep(small_state)
   assert len(calls) == 4 and '\n' not in str(info.value) and 'UNAVAILABLE' in str(info.value)
@@ -238,3 +241,29 @@ def test_corrupt_newest_checkpoint_is_replaced_through_the_command_line(tmp_path
   assert code == 0, out[-3000:]
   assert 'WARNING' not in out and 'Resumed tract at step 12' in out, out[-3000:]
   assert _same(tiny_job_final_state(workdir), uninterrupted)
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_what_to_set_aside(tmp_path):
+  """tests/restore_worker.py on 2 processes: a step unreadable on one process only is set aside for
+  both, a read error on one process only is retried by both, a truncated step is set aside."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = str(s.getsockname()[1])
+  directory = str(tmp_path / 'checkpoints')
+  procs = [subprocess.Popen([sys.executable, 'tests/restore_worker.py', str(i), port, directory],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  results = [json.loads(line[len('RESULT '):]) for out in outs for line in out.splitlines()
+             if line.startswith('RESULT ')]
+  assert results[0] == results[1] == {
+      'one_process_corrupt': 4.0, 'steps_after': [2, 4], 'one_process_io_error': 4.0,
+      'truncated': 2.0, 'steps_at_end': [2], 'set_aside': ['4', '6']}, results
+  assert 'unreadable on another process' in outs[0]  # process 0 moved step 6 for process 1
+  assert 'retrying in 0s' in outs[0]

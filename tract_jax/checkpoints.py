@@ -110,14 +110,12 @@ def _retrying(read: Callable[[], Any], what: str, agree: bool = False):
       value = read()
     except Exception as e:  # pylint: disable=broad-except  (sorted just below)
       outcome, why = (1 if is_corrupt(e) else 2), describe_error(e)
-      if agree and jax.process_count() > 1:
-        # Orbax ends every restore with a barrier, which this process skipped by failing; meet it
-        # there so that the processes whose read succeeded can go on to the agreement below.
-        ocp.multihost.sync_global_processes('Checkpointer:restore')
+      if jax.process_index():  # process 0 reports what every process agrees; the details are here
+        print(f'WARNING: process {jax.process_index()}: reading {what} failed ({why})', flush=True)
     if agree:
       agreed = parallel.max_over_processes(outcome)
       if agreed != outcome:
-        why = why or 'unreadable on another process'
+        why = why or ('unreadable' if agreed == 1 else 'failed') + ' on another process'
       outcome = agreed
     if outcome == 0:
       return value, None
@@ -279,8 +277,19 @@ class StateCheckpoints:
       self.manager.wait_until_finished()
 
   def restore(self, state_like: Any, step: Optional[int] = None):
+    """The train state of `step` (default: the newest), into the shardings of `state_like`.
+
+    Each process reads its own shards with no cross-process barrier (CheckpointManager.restore ends
+    with one): a process whose read fails must not leave the others waiting there, and
+    restore_or_keep agrees on the outcome itself. The step's folder is the manager's: <step>/ with
+    the train state as its 'default' item.
+    """
     step = self.manager.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_like(state_like)))
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
+      return ckptr.restore(paths.resolve(self.directory) / str(step) / 'default',
+                           abstract_like(state_like))
 
   def restore_or_keep(self, state: Any, what: str = 'run'):
     """The newest checkpoint that restores, else `state` when there is none at all.
