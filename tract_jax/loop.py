@@ -99,9 +99,6 @@ class StepLoop:
     if self.progress is None:
       self.progress = writers.Progress(self.total, self.images_per_step)
     config = self.config
-    # Processes start a loop seconds apart (measured: 10 s on a loaded 2-core machine), and gloo
-    # gives the first collective of a new device set 30 s for every process to join: meet here.
-    parallel.barrier(f'tract_jax loop: {label} from step {step}')
     while step < until:
       self._stop_if_signalled(step, state, label)
       batch_step, batch = next(batches)

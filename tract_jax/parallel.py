@@ -118,8 +118,31 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
 def mesh_from_config(config) -> Mesh:
   mesh_config = config.get('mesh')
   if mesh_config is None:
-    return make_mesh()
-  return make_mesh(int(mesh_config.data), int(mesh_config.fsdp))
+    mesh = make_mesh()
+  else:
+    mesh = make_mesh(int(mesh_config.data), int(mesh_config.fsdp))
+  connect(mesh)
+  return mesh
+
+
+def connect(mesh: Mesh) -> None:
+  """One small collective over all of the mesh's devices, run while the processes are in step.
+
+  CPU processes (gloo) give the first collective over a set of devices 30 s for every process to
+  join, and fail after that; once joined, a collective waits for a late process as long as it
+  takes (measured, jax 0.10.2: a 45 s late process fails the first way, passes the second). And
+  processes reach their first train step far apart: only process 0 writes JAX's compilation
+  cache, and on CPU the cache keys differ between processes, so in any later run process 0 loads
+  each step while the others compile it. No-op with one process.
+  """
+  if jax.process_count() == 1:
+    return
+  ones = np.ones(mesh.size, np.float32)
+  x = jax.make_array_from_callback(ones.shape, batch_sharding(mesh), lambda index: ones[index])
+  total = jax.jit(lambda v: v.sum(), out_shardings=replicated(mesh))(x)
+  if float(total.addressable_data(0)) != mesh.size:
+    raise RuntimeError(f'a sum of ones over the {mesh.size} devices gave {total}: the processes '
+                       'do not reach each other')
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
