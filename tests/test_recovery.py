@@ -267,3 +267,29 @@ def test_two_processes_agree_on_what_to_set_aside(tmp_path):
       'truncated': 2.0, 'steps_at_end': [2], 'set_aside': ['4', '6']}, results
   assert 'unreadable on another process' in outs[0]  # process 0 moved step 6 for process 1
   assert 'retrying in 0s' in outs[0]
+
+
+@pytest.mark.slow
+def test_unreadable_step_in_a_bucket_is_set_aside(tmp_path, small_state, capsys):
+  """The same on gs:// (the GCS emulator): a bucket has no rename, so the step is copied to
+  corrupt/ and deleted, and Orbax no longer lists it."""
+  from etils import epath
+  from gcs_emulator import Emulator, available
+  if available():
+    pytest.skip(f'GCS emulator {available()}')
+  with Emulator() as emulator, pytest.MonkeyPatch.context() as env:
+    for key, value in emulator.env.items():
+      env.setenv(key, value)
+    directory = f'gs://{emulator.bucket}/run/checkpoints'
+    _save(directory, {s: small_state.replace(step=small_state.step + s) for s in (2, 4)})
+    step4 = epath.Path(directory) / '4'
+    data = max((p for p in (step4 / 'default' / 'ocdbt.process_0' / 'd').iterdir()),
+               key=lambda p: len(p.read_bytes()))
+    data.write_bytes(data.read_bytes()[:len(data.read_bytes()) // 3])
+    with checkpoints.StateCheckpoints(directory) as ckpts:
+      assert int(ckpts.restore_or_keep(small_state).step) == 2
+    assert f'moved to {directory}/corrupt/4; resuming from step 2' in capsys.readouterr().out
+    assert not step4.exists()
+    assert (epath.Path(directory) / 'corrupt' / '4' / 'commit_success.txt').exists()
+    with ocp.CheckpointManager(epath.Path(directory)) as manager:
+      assert manager.all_steps() == [2]

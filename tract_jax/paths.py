@@ -143,6 +143,16 @@ def check_folder(field: str, path: PathLike) -> None:
       return
 
 
+def _files(folder: epath.Path):
+  """Every file under `folder`, recursively (epath has no rglob for buckets, and its walk drops
+  the gs:// of the folders it yields)."""
+  for entry in folder.iterdir():
+    if entry.is_dir():
+      yield from _files(entry)
+    else:
+      yield entry
+
+
 def move_folder(source: PathLike, destination: PathLike) -> epath.Path:
   """Moves a folder to `destination` (which must not exist), creating its parent.
 
@@ -155,8 +165,7 @@ def move_folder(source: PathLike, destination: PathLike) -> epath.Path:
     destination.parent.mkdir(parents=True, exist_ok=True)
     os.rename(os.fspath(source), os.fspath(destination))
     return destination
-  files = [p for p in source.rglob('*') if not p.is_dir()]
-  for file in files:
+  for file in _files(source):
     target = destination / file.relative_to(source)
     target.parent.mkdir(parents=True, exist_ok=True)
     file.copy(target)
