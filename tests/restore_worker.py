@@ -30,8 +30,8 @@ sharding = NamedSharding(mesh, P('data'))
 
 def state(value):
   """{'w': (8, 4) float32 filled with value, rows split over the 4 devices of both processes}."""
-  return {'w': jax.make_array_from_callback((8, 4), sharding,
-                                            lambda index: np.full((8, 4), value, np.float32)[index])}
+  full = np.full((8, 4), value, np.float32)
+  return {'w': jax.make_array_from_callback((8, 4), sharding, lambda index: full[index])}
 
 
 def value_of(restored):

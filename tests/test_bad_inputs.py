@@ -1,5 +1,6 @@
-"""Bad inputs stop the job at start-up with one line (ConfigError, exit 2), before anything compiles:
-labels that do not fit the model, a damaged .npz, a workdir that is a file (issue 22's table)."""
+"""Bad inputs stop the job at start-up with one line (ConfigError, exit 2), before anything
+compiles: labels that do not fit the model, a damaged .npz, a workdir that is a file (issue 22's
+table)."""
 import os
 import subprocess
 import sys

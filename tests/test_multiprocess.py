@@ -1,8 +1,8 @@
 """A real multi-host run: 2 processes x 4 simulated CPU devices joined by jax.distributed (gloo
 collectives on 127.0.0.1), through `python -m tract_jax.main`. SIGTERM reaches ONE process mid-phase:
 both agree on the step (JAX's coordination service), save it and exit 75; re-run, both resume, and
-the final student equals an uninterrupted 2-process run bit for bit (and a 1-process run within float
-tolerance), and loads in this 1-device process without a target tree."""
+the final student equals an uninterrupted 2-process run bit for bit (and a 1-process run within
+float tolerance), and loads in this 1-device process without a target tree."""
 import json
 import os
 import signal

@@ -1,6 +1,6 @@
-"""Recovery from damaged or unreachable storage: an unreadable checkpoint step is set aside and saved
-afresh, an I/O error is retried and never taken for corruption, a params checkpoint loads whatever
-topology wrote it, and the statistics file is written whole or not at all."""
+"""Recovery from damaged or unreachable storage: an unreadable checkpoint step is set aside and
+saved afresh, an I/O error is retried and never taken for corruption, a params checkpoint loads
+whatever topology wrote it, and the statistics file is written whole or not at all."""
 import errno
 import glob
 import json
@@ -105,7 +105,8 @@ def _tensorstore_failure(status):
     raise ValueError(f'{status}: Error reading "params.conv_in.kernel/0.0" in OCDBT database')
   except ValueError as e:
     try:
-      raise Exception('Encountered error while reading array index: (slice(0, 3, 1),).') from e  # pylint: disable=broad-exception-raised
+      raise Exception(  # pylint: disable=broad-exception-raised
+          'Encountered error while reading array index: (slice(0, 3, 1),).') from e
     except Exception as wrapped:  # pylint: disable=broad-except
       return wrapped
 
@@ -233,7 +234,8 @@ def test_corrupt_newest_checkpoint_is_replaced_through_the_command_line(tmp_path
   assert code == 0, out[-3000:]
   warnings = [line for line in out.splitlines() if line.startswith('WARNING: checkpoint')]
   assert len(warnings) == 1, out[-3000:]
-  assert warnings[0].startswith(f'WARNING: checkpoint step 12 in {workdir}/checkpoints is unreadable')
+  assert warnings[0].startswith(
+      f'WARNING: checkpoint step 12 in {workdir}/checkpoints is unreadable')
   assert f'moved to {workdir}/checkpoints/corrupt/12; resuming from step 10' in warnings[0]
   assert 'Resumed tract at step 10' in out and '[tract phase 1: 4->1 steps] step 12/12' in out
 

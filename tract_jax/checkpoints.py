@@ -90,8 +90,9 @@ def describe_error(error: BaseException, limit: int = 300) -> str:
   """One line: the error, or the tensorstore error under Orbax's wrapper of a failed array read
   (whose own message is a page of specification)."""
   best = next((e for e in _exception_chain(error) if _status(e)), None)
-  if best is None:
-    best = error.__cause__ if type(error) is Exception and error.__cause__ else error  # pylint: disable=unidiomatic-typecheck
+  if best is None:  # Orbax's wrapper is a bare Exception, never a subclass
+    wrapper = type(error) is Exception  # pylint: disable=unidiomatic-typecheck
+    best = error.__cause__ if wrapper and error.__cause__ is not None else error
   text = ' '.join(str(best).split())
   return f'{type(best).__name__}: {text[:limit]}'
 
@@ -195,9 +196,9 @@ def newest_params(path) -> Tuple[str, str, Optional[int]]:
 
 
 def _host_arrays(path: str):
-  """The checkpoint's whole tree as host numpy arrays, whatever topology wrote it: the restore target
-  comes from the checkpoint's metadata, every array restored as an np.ndarray, so the shardings
-  and devices it records (which may not exist here) are never used."""
+  """The checkpoint's whole tree as host numpy arrays, whatever topology wrote it: the restore
+  target comes from the checkpoint's metadata, every array restored as an np.ndarray, so the
+  shardings and devices it records (which may not exist here) are never used."""
   path = paths.resolve(path)
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.metadata(path).item_metadata.tree
@@ -318,7 +319,8 @@ class StateCheckpoints:
                           f'({details}). Move the folder away to start from scratch.')
 
   def _set_aside(self, failures, good_step: int) -> None:
-    """Moves the unreadable steps to corrupt/ (process 0; the others wait) and re-reads the steps."""
+    """Moves the unreadable steps to corrupt/ (process 0; the others wait), then re-lists the
+    steps."""
     if not failures:
       return
     if jax.process_index() == 0:
@@ -331,8 +333,9 @@ class StateCheckpoints:
         try:
           paths.move_folder(root / str(step), target)
         except OSError as e:
-          raise CheckpointError(f'checkpoint step {step} in {self.directory} is unreadable ({why}) '
-                                f'and could not be moved to {target}: {describe_error(e)}') from None
+          raise CheckpointError(f'checkpoint step {step} in {self.directory} is unreadable ({why})'
+                                f' and could not be moved to {target}: {describe_error(e)}'
+                                ) from None
         print(f'WARNING: checkpoint step {step} in {self.directory} is unreadable ({why}); moved '
               f'to {target}; resuming from step {good_step} instead', flush=True)
     parallel.barrier('tract_jax: corrupt checkpoints set aside')
