@@ -72,13 +72,11 @@ def run_tiny_job(workdir, *overrides, env=None, timeout=300):
 
 def tiny_job_final_state(workdir):
   """Every array of the last train state and of the final student artefact, as numpy (the workdir
-  local or gs://)."""
-  import orbax.checkpoint as ocp
-  from etils import epath
-  workdir = epath.Path(str(workdir))
-  with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(workdir / 'checkpoints' / str(TINY_JOB_TOTAL) / 'default')
-    student = ckptr.restore(workdir / 'phase_1_ema')
+  local or gs://, written by any number of processes and devices)."""
+  from tract_jax import checkpoints
+  workdir = str(workdir).rstrip('/')
+  state = checkpoints.read_host_arrays(f'{workdir}/checkpoints/{TINY_JOB_TOTAL}/default')
+  student = checkpoints.read_host_arrays(f'{workdir}/phase_1_ema')
   return ([np.asarray(x) for x in jax.tree.leaves(state)]
           + [np.asarray(x) for x in jax.tree.leaves(student)])
 

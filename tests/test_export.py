@@ -81,14 +81,9 @@ def test_export_round_trip(tmp_path):
 def test_export_command_line(tmp_path):
   config = tiny_config()
   saved = fake_run(str(tmp_path / 'run'), config)
-  # configs/demo.py with the tiny model of tests/conftest.py.
-  overrides = ['--config.teacher_steps=16', '--config.time_schedule=16,4,1',
-               '--config.model.ch=16', '--config.model.emb_ch=32', '--config.model.num_groups=4',
-               '--config.model.attn_resolutions=()']
   cmd = [sys.executable, '-m', 'tract_jax.export', f'--params={tmp_path / "run"}',
-         '--config=configs/demo.py', *overrides, f'--output={tmp_path / "out" / "s.msgpack"}']
-  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+         '--config=tests/tiny_job.py', f'--output={tmp_path / "out" / "s.msgpack"}']
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert '1-step DDIM' in result.stdout
   params, meta = export.load_exported(str(tmp_path / 'out' / 's.msgpack'))

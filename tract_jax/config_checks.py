@@ -93,7 +93,7 @@ def _check_training(config):
     raise ConfigError(f'sema={config.sema}: must be in [0, 1)')
   if not 0.0 < tc.ema_decay < 1.0:
     raise ConfigError(f'teacher_training.ema_decay={tc.ema_decay}: must be in (0, 1)')
-  for name in ('checkpoint_every', 'log_every', 'preemption_check_every'):
+  for name in ('checkpoint_every', 'log_every'):
     if int(config[name]) < 1:
       raise ConfigError(f'{name}={config[name]}: must be a positive integer')
 

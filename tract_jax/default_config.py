@@ -123,12 +123,14 @@ def get_config():
   # GPU/TPU runs use their accelerators whatever this says.
   config.cpu_devices = 'auto'
   config.distributed = 'auto'      # jax.distributed.initialize(): 'auto' (multi-host env), 'always', 'never'
+  # Multi-host: seconds without a heartbeat after which JAX's coordination service takes a process
+  # for dead and stops the others (jax.distributed.initialize's heartbeat_timeout_seconds).
+  config.heartbeat_timeout_seconds = 100
   # JAX's persistent compilation cache (local or gs://; '' = off): a restart loads its compiled steps.
   config.compilation_cache_dir = '~/.cache/tract_jax/jax_cache'
 
   # ---- checkpoints, evaluation, logging ------------------------------------------------------------
   config.checkpoint_every = 5000   # steps; also saved at every phase end, at the end and on SIGTERM
-  config.preemption_check_every = 10  # multi-host: steps between the hosts' SIGTERM agreements
   config.nonfinite = 'stop'        # non-finite loss/gradients: 'stop' with an error, or 'skip' the update
   config.overwrite = False         # reuse a workdir whose saved config is incompatible (deletes its state)
   config.keep_checkpoints = 2

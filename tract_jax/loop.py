@@ -6,26 +6,45 @@ The loop keeps the step number on the host, so an update costs no device round t
 read back only at log points and saves. With asynchronous dispatch, the next batch is read and copied
 to the devices while the current update runs.
 """
+import itertools
 import signal
 import threading
 
 import jax
 
 from tract_jax import parallel, writers
-from tract_jax.errors import NonFiniteError, Preempted
+from tract_jax.errors import ConfigError, NonFiniteError, Preempted
+
+
+# Calls of reached_preemption_sync_point in this process: it needs a number that grows by one per
+# call and is the same on every process at the same call. Steps are not: the teacher's loop and the
+# distillation loop both count from 0, and a resumed run starts in the middle.
+_SYNC_CALLS = itertools.count()
 
 
 class SignalFlag:
-  """Turns SIGTERM/SIGINT into a flag the loop checks after each step (so that it can save first).
-  A second signal stops at once."""
+  """Turns SIGTERM/SIGINT into something the loop checks before each step (so that it can save first).
+
+  One process: a flag; a second signal stops at once. Several processes (jax.distributed with its
+  preemption service): SIGTERM is left to JAX, whose notifier catches it and tells the other
+  processes through the coordination service; SIGINT (Ctrl-C) is handed to the same notifier as a
+  SIGTERM, and a second SIGINT stops at once. A Python SIGTERM handler would replace JAX's (measured:
+  with one installed, reached_preemption_sync_point never turned True), so none is installed then.
+  """
 
   def __init__(self):
     self.signum = None
+    self.coordinated = False
     self._old = {}
 
   def __enter__(self):
+    self.coordinated = parallel.preemption_service() is not None
+    if jax.process_count() > 1 and not self.coordinated:
+      raise ConfigError('jax_enable_preemption_service is off: a multi-process job needs it to '
+                        'agree on the step where every process stops after a SIGTERM')
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      sigs = (signal.SIGINT,) if self.coordinated else (signal.SIGTERM, signal.SIGINT)
+      for sig in sigs:
         self._old[sig] = signal.signal(sig, self._handler)
     return self
 
@@ -34,6 +53,8 @@ class SignalFlag:
     if self.signum is not None:
       raise KeyboardInterrupt
     self.signum = signum
+    if self.coordinated:
+      signal.raise_signal(signal.SIGTERM)  # to JAX's preemption notifier
 
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
@@ -49,9 +70,10 @@ class StepLoop:
   only at log points and saves: config.nonfinite 'stop' raises NonFiniteError, 'skip' warns.
 
   With several processes a signal reaches one host at a time, and a host that saved while the others
-  entered the next gradient all-reduce would hang the job. So the hosts agree: every
-  `preemption_check_every` steps (the same steps everywhere) they exchange their signal flags, and if
-  any host was signalled they all save that step and raise Preempted together.
+  entered the next gradient all-reduce would hang the job. So the hosts agree through JAX's
+  coordination service (multihost_utils.reached_preemption_sync_point, asked before every step; no
+  device collective): once any host got SIGTERM, all of them reach the same sync point a step or
+  two later, save that step and raise Preempted together.
   """
 
   def __init__(self, config, step_fn, mesh, ckpts, writer, *, total: int, images_per_step: int,
@@ -65,7 +87,6 @@ class StepLoop:
     self.scalar_prefix = scalar_prefix
     self.signals = signals
     self.images_per_step = images_per_step
-    self.check_every = 1 if jax.process_count() == 1 else int(config.preemption_check_every)
     self.progress = None
     self.reported = 0  # non-finite updates already warned about
 
@@ -107,13 +128,17 @@ class StepLoop:
     self.ckpts.save(step, state, wait=wait)
 
   def _stop_if_signalled(self, step, state, label):
-    if step % self.check_every:
+    if self.signals.coordinated:
+      if not parallel.reached_preemption_sync_point(next(_SYNC_CALLS)):
+        return
+      where = ("signal to a process of this job (SIGTERM or Ctrl-C, agreed through JAX's "
+               'coordination service)')
+    elif self.signals.signum is None:
       return
-    if not parallel.any_process(self.signals.signum is not None):
-      return
+    else:
+      where = f'signal {self.signals.signum}'
     self.save(step, state, label, wait=True)
-    where = self.signals.signum if self.signals.signum is not None else 'on another process'
-    raise Preempted(f'signal {where} at step {step}: checkpoint saved in {self.ckpts.directory}; '
+    raise Preempted(f'{where} at step {step}: checkpoint saved in {self.ckpts.directory}; '
                     're-run the same command to resume')
 
   def check_finite(self, state, where: str):

@@ -27,6 +27,9 @@ def maybe_initialize_distributed(config) -> None:
   mode = config.get('distributed', 'auto')
   if mode not in ('auto', 'always', 'never'):
     raise ConfigError(f"distributed={mode!r}: allowed values are 'auto', 'always', 'never'")
+  heartbeat = config.get('heartbeat_timeout_seconds', 100)
+  if not isinstance(heartbeat, int) or heartbeat < 1:
+    raise ConfigError(f'heartbeat_timeout_seconds={heartbeat!r}: must be a positive integer')
   if mode == 'never':
     return
   tpu_hosts = [h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]
@@ -42,7 +45,10 @@ def maybe_initialize_distributed(config) -> None:
       if os.environ.get('JAX_PLATFORMS', '').split(',')[0] == 'cpu':
         # CPU processes (tests, simulated pods) need a collectives library to talk to each other.
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-      jax.distributed.initialize(**kwargs)
+      # The coordination service stops every surviving process (abort, exit 134) when one has sent
+      # no heartbeat for this long: a dead host ends the job instead of leaving the rest waiting in
+      # a collective. Re-running every process then resumes from the last checkpoint.
+      jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat, **kwargs)
 
 
 def any_process(flag: bool) -> bool:
@@ -53,6 +59,35 @@ def any_process(flag: bool) -> bool:
   from jax.experimental import multihost_utils
   flags = multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))
   return bool(np.max(flags))
+
+
+def max_over_processes(value: int) -> int:
+  """The largest of every process's `value` (a barrier, like any_process)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.asarray([int(value)], np.int32))))
+
+
+def preemption_service():
+  """JAX's preemption sync manager when this is a multi-process job that has one, else None.
+
+  jax.distributed.initialize starts it (jax_enable_preemption_service, on by default); it catches
+  SIGTERM itself and agrees on a step through the coordination service
+  (multihost_utils.reached_preemption_sync_point), the mechanism Orbax's preemption saving uses.
+  """
+  if jax.process_count() == 1:
+    return None
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.preemption_sync_manager
+
+
+def reached_preemption_sync_point(counter: int) -> bool:
+  """True on every process at the same `counter` once any process of the job got SIGTERM.
+
+  `counter` must grow by one per call and be the same on every process at the same call."""
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.reached_preemption_sync_point(counter))
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -83,8 +118,31 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
 def mesh_from_config(config) -> Mesh:
   mesh_config = config.get('mesh')
   if mesh_config is None:
-    return make_mesh()
-  return make_mesh(int(mesh_config.data), int(mesh_config.fsdp))
+    mesh = make_mesh()
+  else:
+    mesh = make_mesh(int(mesh_config.data), int(mesh_config.fsdp))
+  connect(mesh)
+  return mesh
+
+
+def connect(mesh: Mesh) -> None:
+  """One small collective over all of the mesh's devices, run while the processes are in step.
+
+  CPU processes (gloo) give the first collective over a set of devices 30 s for every process to
+  join, and fail after that; once joined, a collective waits for a late process as long as it
+  takes (measured, jax 0.10.2: a 45 s late process fails the first way, passes the second). And
+  processes reach their first train step far apart: only process 0 writes JAX's compilation
+  cache, and on CPU the cache keys differ between processes, so in any later run process 0 loads
+  each step while the others compile it. No-op with one process.
+  """
+  if jax.process_count() == 1:
+    return
+  ones = np.ones(mesh.size, np.float32)
+  x = jax.make_array_from_callback(ones.shape, batch_sharding(mesh), lambda index: ones[index])
+  total = jax.jit(lambda v: v.sum(), out_shardings=replicated(mesh))(x)
+  if float(total.addressable_data(0)) != mesh.size:
+    raise RuntimeError(f'a sum of ones over the {mesh.size} devices gave {total}: the processes '
+                       'do not reach each other')
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -126,3 +126,51 @@ def load_npz(path: PathLike):
 def copy_file(source: PathLike, destination: PathLike) -> None:
   """Copies one file (local or remote, either way) whole."""
   write_bytes(destination, resolve(source).read_bytes())
+
+
+def check_folder(field: str, path: PathLike) -> None:
+  """A one-line ConfigError when `path` (or a folder above it) is an existing file, so that a job
+  cannot create or use it as its folder. Local paths only: a bucket has no files in the way."""
+  if not path or is_remote(str(path)):
+    return
+  path = resolve(path)
+  for candidate in (path, *path.parents):
+    if candidate.exists():
+      if not candidate.is_dir():
+        where = '' if candidate == path else f' ({candidate} is a file)'
+        raise ConfigError(f'{field}={str(path)!r}: not a folder{where}; give a folder (it is '
+                          'created when missing)')
+      return
+
+
+def _files(folder: epath.Path):
+  """Every file under `folder`, recursively (epath has no rglob for buckets, and its walk drops
+  the gs:// of the folders it yields)."""
+  for entry in folder.iterdir():
+    if entry.is_dir():
+      yield from _files(entry)
+    else:
+      yield entry
+
+
+def move_folder(source: PathLike, destination: PathLike) -> epath.Path:
+  """Moves a folder to `destination` (which must not exist), creating its parent.
+
+  Locally one rename. A bucket has no rename: every object is copied, then the source's
+  commit_success.txt is deleted first, so that an interrupted move never leaves a source that
+  Orbax takes for a finished checkpoint, then the rest.
+  """
+  source, destination = resolve(source), resolve(destination)
+  if not is_remote(str(source)):
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(os.fspath(source), os.fspath(destination))
+    return destination
+  for file in _files(source):
+    target = destination / file.relative_to(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    file.copy(target)
+  marker = source / 'commit_success.txt'
+  if marker.exists():
+    marker.unlink()
+  source.rmtree()
+  return destination

@@ -178,6 +178,7 @@ def train_and_evaluate(config, workdir: str):
   start = time.time()
   devices.configure(config)  # CPU device count, before JAX starts (no-op once it runs)
   paths.check('workdir', workdir)  # a local folder or a bucket (gs://...): see paths.py
+  paths.check_folder('workdir', workdir)
   plan = config_checks.validate_config(config)               # validate
   parallel.use_compilation_cache(config.get('compilation_cache_dir', ''))
   parallel.maybe_initialize_distributed(config)               # mesh
@@ -185,6 +186,7 @@ def train_and_evaluate(config, workdir: str):
   config_checks.check_device_sizes(config, mesh)
   source = data.load_source(config.data)                      # data
   config_checks.check_image_shape(config, source.image_shape)
+  data.check_labels(source, config.model.num_classes, log=jax.process_index() == 0)
   workdir = paths.resolve(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   print(parallel.describe(mesh), flush=True)

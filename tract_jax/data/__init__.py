@@ -52,14 +52,15 @@ import os
 from tract_jax.data.names import ALLOWED, DATASETS, TFDS_PREFIX, _kind, check_name, describe_allowed
 from tract_jax.data.pipeline import Pipeline, batch_at, make_pipeline, step_dataset
 from tract_jax.data.sources import (FIRST_BATCH_CHECKED, IMAGE_EXTENSIONS, ArraySource, FolderSource,
-                                    fit_square, load_digits, load_npz, to_model_range)
+                                    check_labels, fit_square, load_digits, load_npz,
+                                    to_model_range)
 from tract_jax.data.tfds_source import TFDS_NAMES, TfdsSource, load_tfds
 from tract_jax.errors import ConfigError
 
 __all__ = ['ALLOWED', 'DATASETS', 'TFDS_PREFIX', 'check_name', 'describe_allowed', 'load_source',
            'Pipeline', 'batch_at', 'make_pipeline', 'step_dataset', 'FIRST_BATCH_CHECKED',
-           'IMAGE_EXTENSIONS', 'ArraySource', 'FolderSource', 'fit_square', 'load_digits',
-           'load_npz', 'to_model_range', 'TFDS_NAMES', 'TfdsSource', 'load_tfds']
+           'IMAGE_EXTENSIONS', 'ArraySource', 'FolderSource', 'check_labels', 'fit_square',
+           'load_digits', 'load_npz', 'to_model_range', 'TFDS_NAMES', 'TfdsSource', 'load_tfds']
 
 
 def load_source(data_config):

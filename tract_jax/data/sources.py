@@ -8,6 +8,8 @@ Every source is a random-access sequence (`__len__`, `__getitem__(i)` -> {'image
 import dataclasses
 import importlib.resources
 import os
+import zipfile
+import zlib
 from typing import Optional, Sequence
 
 import numpy as np
@@ -134,10 +136,20 @@ def load_npz(path: str, image_size: int = 0) -> ArraySource:
   """uint8 'images' (N, H, W) or (N, H, W, C), C in (1, 3), and optional int 'labels' (N,) >= 0."""
   where = f'data.name={path!r}'
   try:
-    with np.load(path, allow_pickle=False) as arrays:
+    with open(path, 'rb') as f:
+      magic = f.read(6)
+    if not magic.startswith(b'PK') and magic != b'\x93NUMPY':
+      raise ValueError('not a zip archive of .npy arrays, as np.savez writes')
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # an .npy file under an .npz name
+      raise ValueError(f'it holds one {loaded.dtype} {loaded.shape} array, not named arrays')
+    with loaded as arrays:
       contents = {key: arrays[key] for key in arrays.files}
-  except (OSError, ValueError) as e:
-    raise ConfigError(f'{where}: cannot read it as an .npz file: {e}') from e
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    # np.load reads any file that starts like a zip as one: a truncated or damaged .npz fails in
+    # zipfile, whatever the failure, with one line rather than a traceback.
+    raise ConfigError(f'{where}: cannot read it as an .npz file ({type(e).__name__}: '
+                      f'{" ".join(str(e).split())[:200]})') from None
   if 'images' not in contents:
     raise ConfigError(f"{where}: holds {sorted(contents)}, expected 'images' (and optional "
                       "'labels')")
@@ -159,6 +171,30 @@ def load_npz(path: str, image_size: int = 0) -> ArraySource:
                         f'non-negative integers ({len(images)},)')
     labels, num_classes = labels.astype(np.int32), int(labels.max()) + 1
   return ArraySource(images, labels, 255.0, num_classes, path, int(image_size))
+
+
+def check_labels(source, num_classes: int, log: bool = True) -> None:
+  """The data's labels against the model's model.num_classes, before anything compiles.
+
+  A class-conditional model (num_classes > 0) needs labelled data (at least two classes) whose
+  labels are all below num_classes: a larger label would be one-hot encoded as all zeros and the
+  model would silently train unconditionally. An unconditional model ignores labels; `log` says so.
+  `source.num_classes` is 1 + the largest label an example can have (0: no labels).
+  """
+  have = int(source.num_classes)
+  where = f'data.name={source.name!r}'
+  if not num_classes:
+    if have > 1 and log:
+      print(f'model.num_classes=0: an unconditional model; the labels of {where} ({have} classes) '
+            'are ignored', flush=True)
+    return
+  if have <= 1:
+    raise ConfigError(f'model.num_classes={num_classes}: a class-conditional model needs labelled '
+                      f'data, but {where} has no labels (every label is 0); set model.num_classes=0 '
+                      "or give labels (.npz 'labels', one sub-folder per class, a TFDS 'label')")
+  if have > num_classes:
+    raise ConfigError(f'model.num_classes={num_classes}: {where} has labels up to {have - 1}, but a '
+                      'class-conditional model needs every label below model.num_classes')
 
 
 # ---------------------------------------------------------------------------------------------------

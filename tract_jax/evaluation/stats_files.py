@@ -3,13 +3,13 @@ they were made (the resize convention of the features, the number of images, the
 and optionally a random subset of the features for KID. `load_stats(path, resize=...)` refuses a
 file made with another resize convention than the evaluation's. Local or gs:// paths."""
 import dataclasses
-import io
 import json
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from tract_jax import paths
 from tract_jax.errors import ConfigError
 
 STATS_FORMAT_VERSION = 1
@@ -35,23 +35,6 @@ class ReferenceStats:
   n: int
   meta: Dict[str, Any]
   features: Optional[np.ndarray] = None
-
-
-def _read_bytes(path: str) -> bytes:
-  if '://' in str(path):
-    from etils import epath  # pylint: disable=g-import-not-at-top  (gs:// and other remote paths)
-    return epath.Path(path).read_bytes()
-  with open(path, 'rb') as f:
-    return f.read()
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-  if '://' in str(path):
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    epath.Path(path).write_bytes(data)
-    return
-  with open(path, 'wb') as f:
-    f.write(data)
 
 
 def save_stats(path: str, mu, sigma, n: int, *, resize: Optional[str] = None,
@@ -88,15 +71,13 @@ def save_stats(path: str, mu, sigma, n: int, *, resize: Optional[str] = None,
     arrays['features'] = features
     record['kid_features'] = len(features)
   arrays['meta'] = np.asarray(json.dumps(record, sort_keys=True))
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  _write_bytes(path, buffer.getvalue())
+  paths.save_npz(path, **arrays)  # whole or not at all, as every other artefact
 
 
 def read_stats(path: str) -> ReferenceStats:
   """Reads a `save_stats` file (also old ones with only mu, sigma and maybe n) into a
   `ReferenceStats`."""
-  with np.load(io.BytesIO(_read_bytes(path))) as f:
+  with paths.load_npz(path) as f:
     mu, sigma = f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
     n = int(f['n']) if 'n' in f.files else 0
     meta = json.loads(str(f['meta'])) if 'meta' in f.files else {}
