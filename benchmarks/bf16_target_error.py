@@ -9,7 +9,7 @@ zero-initialised output layers replaced by small random weights), so that its pr
 a teacher's. The same float32 parameters serve as teacher and self-teacher, as at the start of phase 0.
 
 For each phase below, one batch of TRACT examples (real digits, fresh noise, times drawn as
-methods.tract_times draws them on a T = 1024 grid) is pushed through methods.tract_target twice:
+losses.tract_times draws them on a T = 1024 grid) is pushed through losses.tract_target twice:
 with float32 forwards (the reference) and with bf16 forwards (UNet(dtype=bfloat16): float32
 parameters, bf16 convolutions/matmuls/activations, float32 output). Reported, as relative L2 errors
 over the batch (bf16 vs float32):
@@ -48,7 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tract_jax import diffusion, methods  # noqa: E402
+from tract_jax import diffusion, losses  # noqa: E402
 from tract_jax.models.unet import UNet  # noqa: E402
 
 T = 1024
@@ -102,7 +102,7 @@ def train_teacher(model, denoise, data, steps, batch, seed, log):
 
   @jax.jit
   def step(params, opt_state, x, rng):
-    loss_fn = lambda p: methods.teacher_loss(p, denoise, x, None, rng, reduction='mean',
+    loss_fn = lambda p: losses.teacher_loss(p, denoise, x, None, rng, reduction='mean',
                                              dropout=False)
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -120,12 +120,12 @@ def train_teacher(model, denoise, data, steps, batch, seed, log):
 
 
 def make_eval(denoise):
-  """Jitted: (params, x, eps, i0, i1, i2) -> dict of the target (methods.tract_target), both
+  """Jitted: (params, x, eps, i0, i1, i2) -> dict of the target (losses.tract_target), both
   predictions, the loss weight and the target formed with bf16-rounded z1, z2 (z-space inverse)."""
 
   @jax.jit
   def evaluate(params, x, eps, i0, i1, i2):
-    _, t0, target = methods.tract_target(denoise, params, params, x, eps, None, i0, i1, i2,
+    _, t0, target = losses.tract_target(denoise, params, params, x, eps, None, i0, i1, i2,
                                          teacher_steps=T, clip_x=True)
     t1, t2 = i1.astype(jnp.float32) / T, i2.astype(jnp.float32) / T
     z0 = diffusion.q_sample(x, eps, t0)
@@ -181,7 +181,7 @@ def measure(config_path, train_steps, batch, seed, log=print):
   rows = []
   for label, semi, step, nseg in PHASES:
     row_arr = jnp.asarray([semi, step, nseg], jnp.int32)
-    i0, i1, i2 = methods.tract_times(jax.random.PRNGKey(seed + semi), row_arr, batch)
+    i0, i1, i2 = losses.tract_times(jax.random.PRNGKey(seed + semi), row_arr, batch)
     r32 = eval32(params, x, eps, i0, i1, i2)
     r16 = eval16(params, x, eps, i0, i1, i2)
     t0, t1, t2 = (np.asarray(i, np.float64) / T for i in (i0, i1, i2))

@@ -111,16 +111,15 @@ class MetricWriter:
   def __exit__(self, *exc):
     self.close()
 
-  def scalars(self, step: int, values: Dict[str, float], record: bool = True):
+  def scalars(self, step: int, values: Dict[str, float]):
     if not self.enabled:
       return
     values = {k: float(v) for k, v in values.items()}
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, v, step)
-    if record:
-      with open(self._summary, 'a') as f:
-        f.write(json.dumps({'step': int(step), **values}) + '\n')
+    with open(self._summary, 'a') as f:
+      f.write(json.dumps({'step': int(step), **values}) + '\n')
     if self.remote and time.monotonic() - self._last_sync >= self.sync_every_s:
       self.flush()
 
