@@ -191,7 +191,13 @@ METRICS = (('fid', 'digits FID'), ('kid', 'digits KID'),
            ('rmse_vs_teacher', 'RMSE vs teacher'))
 
 
-XX
+# One colour per kind of run, the same in the 1-step and 2-step panels: BTD, TRACT in one phase,
+# TRACT in two.
+METHOD_COLORS = {'btd': 'C2'}
+
+
+def _color(row):
+  return METHOD_COLORS.get(row['method']) or ('C0' if len(row['schedule']) == 2 else 'C1')
 
 
 def aggregate(rows):
