@@ -33,7 +33,6 @@ the gap (e.g. bf16 rounding of z2, relative 2^-9) is multiplied by sigma0 / deno
 (printed as "z amp"). Errors of the predictions enter z2 multiplied by sigma-differences of size
 ~gap, so they cancel against that denominator, and the weights form is exact in float32.
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -236,14 +235,20 @@ def format_table(result):
   return '\n'.join(lines)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', default=os.path.join(ROOT, 'configs', 'demo.py'))
-  parser.add_argument('--train_steps', type=int, default=400)
-  parser.add_argument('--batch', type=int, default=256)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--json', default=None)
-  args = parser.parse_args()
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string('config', os.path.join(ROOT, 'configs', 'demo.py'), 'Job config file.')
+  flags.DEFINE_integer('train_steps', 400, 'Teacher training steps before measuring.')
+  flags.DEFINE_integer('batch', 256, 'Examples measured.')
+  flags.DEFINE_integer('seed', 0, 'Seed.')
+  flags.DEFINE_string('json', None, 'Also write the results here.')
+
+
+def main(argv):
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  args = flags.FLAGS
   result = measure(args.config, args.train_steps, args.batch, args.seed)
   print(format_table(result))
   if args.json:
@@ -253,4 +258,6 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  from absl import app
+  _define_flags()
+  app.run(main)

@@ -12,13 +12,13 @@ from typing import Dict, Optional
 import numpy as np
 from PIL import Image
 
-from tract_jax import paths
+from tract_jax import paths, quantize
 
 
 def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats -> uint8 levels (the quantisation the paper applies before evaluation)."""
-  images = np.asarray(images, np.float32)
-  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  """[-1, 1] floats -> uint8 levels (quantize.py: the quantisation the paper applies before
+  evaluation)."""
+  return quantize.uint8_levels(np.asarray(images, np.float32)).astype(np.uint8)
 
 
 def make_grid(images, ncol: Optional[int] = None, pad: int = 1, scale: int = 1) -> np.ndarray:
