@@ -15,7 +15,7 @@ RUN_FIELDS = ('method', 'seed', 'teacher_checkpoint', 'teacher_steps', 'time_sch
               'clip_x', 'optimizer', 'teacher_training', 'model', 'data.name', 'data.image_size',
               'data.random_flip', 'parametrisation', 'student_dropout')
 # model fields that change how the network computes, not its parameters: free to change on resume.
-COMPUTE_FIELDS = ('dtype', 'teacher_dtype', 'remat', 'conv_impl')
+COMPUTE_FIELDS = ('dtype', 'teacher_dtype', 'remat', 'conv_impl')  # conv_impl: older records
 IMAGE_SHAPE_KEY = 'image_shape'  # in config.json, next to the configuration's fields
 ARTEFACTS = ('checkpoints', 'teacher', 'ema_params', 'result.json', 'summary.jsonl', 'tensorboard')
 
