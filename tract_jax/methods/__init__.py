@@ -11,7 +11,7 @@ from tract_jax.methods import btd, edm_teacher, teacher, tract, tract_edm
 from tract_jax.methods.base import Method, Parametrisation
 
 __all__ = ['Method', 'Parametrisation', 'REGISTRY', 'get', 'for_config', 'teacher_of', 'names',
-           'parametrisations', 'distilling_names']
+           'parametrisation_names', 'distilling_names']
 
 REGISTRY: Tuple[Method, ...] = (
     teacher.METHOD,      # DDIM teacher training
@@ -38,7 +38,7 @@ def distilling_names() -> Tuple[str, ...]:
   return _unique(m.name for m in REGISTRY if m.distils)
 
 
-def parametrisations() -> Tuple[str, ...]:
+def parametrisation_names() -> Tuple[str, ...]:
   """The values config.parametrisation takes."""
   return _unique(m.parametrisation.name for m in REGISTRY)
 
@@ -57,9 +57,9 @@ def get(name: str, parametrisation=None) -> Method:
     raise ConfigError(f'method={name!r}: allowed values are {", ".join(map(repr, names()))}')
   if parametrisation is None:
     return candidates[0]
-  if parametrisation not in parametrisations():
+  if parametrisation not in parametrisation_names():
     raise ConfigError(f'parametrisation={parametrisation!r}: allowed values are '
-                      f'{", ".join(map(repr, parametrisations()))}')
+                      f'{", ".join(map(repr, parametrisation_names()))}')
   for method in candidates:
     if method.parametrisation.name == parametrisation:
       return method
