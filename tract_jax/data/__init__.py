@@ -11,6 +11,8 @@ Sources (`load_source(config.data)`; data.name picks one, `check_name` validates
                   in one sub-folder per class (labels 0, 1, ... in sorted sub-folder order)
   a .npz file     uint8 'images' (N, H, W) or (N, H, W, C) with C = 1 or 3, optional int 'labels'
                   (N,) (num_classes = max label + 1; without labels: 0)
+`image_shape(config.data)` is the (H, W, C) a source would give, without the data for a TFDS name
+(its registered builder declares it): what export, the benchmarks and the importers use.
 `data.image_size` > 0 makes every image square: the shorter side is resized to image_size with
 PIL's bicubic filter (antialiased when shrinking: PIL widens the kernel by the scale factor), then
 the centre is cropped; 0 keeps the native size, which must then be the same for every example.
