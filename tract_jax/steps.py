@@ -72,6 +72,7 @@ class TrainStep(NamedTuple):
   state_sharding: Any
   plan: Optional[phases.PhasePlan]  # None for teacher training
   batch_size: int                  # the global batch the method trains with
+  seed: int                        # the seed of the state's RNG, and of its input pipeline
 
 
 def build_train_step(config, method: Method, mesh, params, plan=None, *,
@@ -106,4 +107,4 @@ def build_train_step(config, method: Method, mesh, params, plan=None, *,
   step = make_train_step(loss_fn, tx, ema_momentum=ema_momentum, sema_momentum=sema_momentum,
                          mesh=mesh, state_sharding=state_sharding,
                          sanitize_grads=method.sanitize_grads)
-  return TrainStep(step, state, state_sharding, plan, batch_size)
+  return TrainStep(step, state, state_sharding, plan, batch_size, seed)

@@ -11,8 +11,8 @@ import time
 
 import jax
 
-from tract_jax import (checkpoints, config_checks, data, methods, parallel, paths, phases, seeds,
-                       steps, writers)
+from tract_jax import (checkpoints, config_checks, data, methods, parallel, paths, phases, steps,
+                       writers)
 from tract_jax.evaluator import Evaluator
 from tract_jax.loop import SignalFlag, StepLoop
 from tract_jax.models import factory
@@ -55,16 +55,16 @@ def train_teacher(config, workdir: str, source=None, mesh=None):
   params = factory.init_params(factory.build_model(config.model), source.image_shape, config.seed,
                                like)
   train_step = steps.build_train_step(config, methods.teacher_of(config), mesh, params)
-  total = int(tc.train_steps)
-  print(f'Teacher training: {total} steps, batch {tc.batch_size}, '
+  total, batch_size = int(tc.train_steps), train_step.batch_size
+  print(f'Teacher training: {total} steps, batch {batch_size}, '
         f'{sum(x.size for x in jax.tree.leaves(params)):,} parameters', flush=True)
   with writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer, \
       checkpoints.StateCheckpoints(workdir / 'checkpoints', config.keep_checkpoints) as ckpts, \
       SignalFlag() as signals:
     state = ckpts.restore_or_keep(train_step.state, what='teacher training')
     loop = StepLoop(config, train_step.step, mesh, ckpts, writer, total=total,
-                    images_per_step=tc.batch_size, scalar_prefix='teacher', signals=signals)
-    with _pipeline(config, source, tc.batch_size, config.seed, int(state.step)) as batches:
+                    images_per_step=batch_size, scalar_prefix='teacher', signals=signals)
+    with _pipeline(config, source, batch_size, train_step.seed, int(state.step)) as batches:
       state = loop.run(state, batches, until=total, label='teacher')
     loop.save(total, state, 'teacher')
   checkpoints.save_params(final_path, state.ema_params)
@@ -89,18 +89,18 @@ def train_distillation(config, workdir: str, plan: phases.PhasePlan, teacher_par
   train_step = steps.build_train_step(config, methods.get(plan.method), mesh, teacher_params, plan)
   if evaluator.reference is None and 'agreement' in evaluator.metrics:
     evaluator.teacher_reference(teacher_params, plan.teacher_steps)  # cached in the workdir
+  batch_size = train_step.batch_size
   print(f'{plan.method.upper()}: schedule {",".join(map(str, plan.schedule))}, {plan.num_phases} '
-        f'phase(s) of {plan.steps_per_phase} steps, batch {config.batch_size}, evaluation-EMA '
+        f'phase(s) of {plan.steps_per_phase} steps, batch {batch_size}, evaluation-EMA '
         f'momentum {plan.ema_momentum:.8f}', flush=True)
   with writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer, \
       checkpoints.StateCheckpoints(workdir / 'checkpoints', config.keep_checkpoints) as ckpts, \
       SignalFlag() as signals:
     state = ckpts.restore_or_keep(train_step.state, what=plan.method)
     loop = StepLoop(config, train_step.step, mesh, ckpts, writer, total=plan.total_steps,
-                    images_per_step=config.batch_size, scalar_prefix=plan.method, signals=signals)
+                    images_per_step=batch_size, scalar_prefix=plan.method, signals=signals)
     done = int(state.step)
-    with _pipeline(config, source, config.batch_size, config.seed + seeds.DISTILLATION,
-                   done) as batches:
+    with _pipeline(config, source, batch_size, train_step.seed, done) as batches:
       for phase in range(plan.phase_of_step(done), plan.num_phases):
         end = (phase + 1) * plan.steps_per_phase
         if done >= end:  # resumed at this phase's end: its artefact was written before the save
