@@ -189,7 +189,8 @@ def measure(config, train_steps, batch, seed, log=print):
         'interior_fraction': float(interior.mean()),
     }
     rows.append(row)
-  return {'model': config.model.to_dict(), 'train_steps': train_steps, 'batch': batch, 'T': T, 'unet': unet,
+  return {'model': config.model.to_dict(), 'train_steps': train_steps, 'batch': batch, 'T': T,
+          'unet': unet,
           'rows': rows, 'jax_version': jax.__version__, 'device': jax.devices()[0].device_kind}
 
 

@@ -1,10 +1,10 @@
-"""Counting FLOPs of a jitted program without running it: XLA's cost analysis of the LOWERED program,
-and a jaxpr count of the convolutions and matmuls where that analysis is missing.
+"""Counting FLOPs of a jitted program without running it: XLA's cost analysis of the LOWERED
+program, and a jaxpr count of the convolutions and matmuls where that analysis is missing.
 
 Why the lowered program: it is the whole (global, unpartitioned) computation before XLA's
 optimisations, so it counts convolutions that the GPU backend later turns into cuDNN custom calls
-(the compiled program's analysis omits those and undercounts a UNet ~40x) and needs no scaling by the
-device count; lowering needs no compile, and its arguments may be jax.ShapeDtypeStructs, so the
+(the compiled program's analysis omits those and undercounts a UNet ~40x) and needs no scaling by
+the device count; lowering needs no compile, and its arguments may be jax.ShapeDtypeStructs, so the
 FLOPs of a paper-size model are counted without allocating it. jax 0.11.2 on GPU returns no lowered
 analysis: there the count is the jaxpr's (valid taps only; 99.7% of the lowered count on the
 CIFAR-10 UNet, the rest being elementwise work). A multiply-add counts as 2 FLOPs.

@@ -198,7 +198,8 @@ def run_benchmarks(config, batch, steps, what=None, sample_steps=None, peak_size
       'num_params': count_params(shapes), 'timed_calls': steps, 'dtype': dtype,
       'teacher_dtype': teacher_dtype, 'remat': remat, 'compile_only': compile_only,
       'forward_flops_per_image': fwd_flops, 'flops_source': flops_source, 'matmul_peak': peak,
-      'peak_flops_per_s_all_devices': peak_total, 'peak_memory': {'kind': kind, 'bytes': peak_bytes},
+      'peak_flops_per_s_all_devices': peak_total,
+      'peak_memory': {'kind': kind, 'bytes': peak_bytes},
       'compilation_cache': jax.config.jax_compilation_cache_dir or None,
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'fid': fid, 'benchmarks': rows,
   }

@@ -99,7 +99,8 @@ def make_network(model):
     c_in, _, _, c_noise = precondition(sigma)
     train = dropout_rng is not None
     rngs = {'dropout': dropout_rng} if train else None
-    out = model.apply({'params': params}, bcast(c_in, x) * x, c_noise, labels, train=train, rngs=rngs)
+    out = model.apply({'params': params}, bcast(c_in, x) * x, c_noise, labels, train=train,
+                      rngs=rngs)
     return out.astype(jnp.float32)
 
   return net
@@ -213,8 +214,8 @@ def tract_target(net, grid: Grid, teacher_params, sema_params, x, eps, labels, i
   T,S) its j is the release's `semi`; i1 = i0 - g unclamped. x_t = x + s0 eps. Teacher step
   s0 -> s1 (Heun with raw D when teacher_heun, else the section-2 step), self-teacher section-2
   step s1 -> s2 (x_2 = x_1 when i1 == i2: the teacher step ended the segment),
-  x_target = (x_2 s0 - x_t s2) / (s0 - s2). Boundary: when i1 == 0 (index - semi - 1 == 0) x_target = the teacher's x0 at s0, and i1 is clamped to 1 so
-  that the unused branch stays finite. F_target = (x_target - c_skip(s0) x_t) / c_out(s0).
+  x_target = (x_2 s0 - x_t s2) / (s0 - s2). Boundary: when i1 == 0 (index - semi - 1 == 0)
+  x_target = the teacher's x0 at s0, and i1 is clamped to 1 so that the unused branch stays finite. F_target = (x_target - c_skip(s0) x_t) / c_out(s0).
 
   teacher_heun: Python bool, or a traced bool scalar (lax.cond; one compiled step for every phase).
   teacher_net: the network the teacher and self-teacher run (None = net).
@@ -284,7 +285,8 @@ def teacher_loss(params, net, x, labels, rng, *, reduction: str = 'mean', dropou
   y = x + bcast(sigma, x) * noise
   _, c_skip, c_out, _ = precondition(sigma)
   # x - c_skip y = (1 - c_skip) x - c_skip sigma n
-  f_target = (bcast(_one_minus_c_skip(sigma), x) * x - bcast(c_skip * sigma, x) * noise) / bcast(c_out, x)
+  f_target = ((bcast(_one_minus_c_skip(sigma), x) * x - bcast(c_skip * sigma, x) * noise)
+              / bcast(c_out, x))
   f_pred = net(params, y, sigma, labels, k_drop if dropout else None)
   loss = jnp.mean(losses.per_example(jnp.square(f_pred - f_target), reduction))
   return loss, {'loss': loss}
