@@ -1,11 +1,10 @@
 """The method registry (tract_jax/methods): what every record provides, the one-line errors of the
 lookup, and that a new method is one record plus one registry entry."""
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import tiny_config
-from tract_jax import config_checks, data, losses, methods, parallel, phases, steps
+from tract_jax import config_checks, data, methods, parallel, phases, steps
 from tract_jax.errors import ConfigError
 from tract_jax.methods import base, parametrisations, tract
 from tract_jax.models import factory
@@ -40,18 +39,13 @@ def test_lookup_errors_are_one_line(method, parametrisation, match):
 
 
 def _tract_without_self_teacher():
-  """The README's example: TRACT whose second step is the frozen teacher's too (an ablation)."""
+  """docs/METHODS.md's example: TRACT whose second step is the frozen teacher's too (an ablation)."""
 
   def make_loss(config, model, teacher_model, plan):
-    ddim = parametrisations.DDIM
-    denoise, teacher = ddim.make_denoiser(model, config), ddim.make_denoiser(teacher_model, config)
-    table = jnp.asarray(plan.phase_table())
+    tract_loss = tract.make_loss(config, model, teacher_model, plan)
 
-    def loss_fn(params, state, batch, rng):
-      return losses.tract_loss(params, denoise, state.teacher_params, state.teacher_params,
-                               batch['image'], base.labels(batch, config), rng, table[state.phase],
-                               teacher_steps=plan.teacher_steps, reduction=config.loss_reduction,
-                               clip_x=config.clip_x, teacher_denoise=teacher)
+    def loss_fn(params, state, batch, rng):  # the teacher stands in for the self-teacher
+      return tract_loss(params, state.replace(sema_params=state.teacher_params), batch, rng)
     return loss_fn
 
   return base.Method(name='tract_no_sema', parametrisation=parametrisations.DDIM,
