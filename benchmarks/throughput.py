@@ -108,7 +108,9 @@ def run_benchmarks(config, batch, steps, what=None, sample_steps=None, peak_size
   model = factory.build_model(model_config)
   shapes = factory.abstract_params(model, image_shape, mesh, config.mesh.fsdp_min_size)
   params = shapes if compile_only else timed_step.random_params(shapes, config.seed)
-  fwd_flops, flops_source = flops.forward_flops(model_config, image_shape, 1, with_source=True)
+  fwd_flops, flops_source = flops.forward_flops(  # model FLOPs: counted in float32
+      timed_step.with_model_options(config.model, dtype='float32'), image_shape, 1,
+      with_source=True)
   log(f'model: {count_params(shapes):,} parameters, images {image_shape}, batch {batch}; forward '
       f'{fwd_flops / 1e9:,.3f} GFLOP per image ({flops_source})')
   rows = []
