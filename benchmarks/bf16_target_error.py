@@ -9,7 +9,7 @@ zero-initialised output layers replaced by small random weights), so that its pr
 a teacher's. The same float32 parameters serve as teacher and self-teacher, as at the start of phase 0.
 
 For each phase below, one batch of TRACT examples (real digits, fresh noise, times drawn as
-methods.tract_times draws them on a T = 1024 grid) is pushed through methods.tract_target twice:
+losses.tract_times draws them on a T = 1024 grid) is pushed through losses.tract_target twice:
 with float32 forwards (the reference) and with bf16 forwards (UNet(dtype=bfloat16): float32
 parameters, bf16 convolutions/matmuls/activations, float32 output). Reported, as relative L2 errors
 over the batch (bf16 vs float32):
@@ -33,8 +33,6 @@ the gap (e.g. bf16 rounding of z2, relative 2^-9) is multiplied by sigma0 / deno
 (printed as "z amp"). Errors of the predictions enter z2 multiplied by sigma-differences of size
 ~gap, so they cancel against that denominator, and the weights form is exact in float32.
 """
-import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -48,8 +46,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tract_jax import diffusion, methods  # noqa: E402
-from tract_jax.models.unet import UNet  # noqa: E402
+import timed_step  # noqa: E402  (benchmarks/timed_step.py)
+from tract_jax import data, diffusion, losses  # noqa: E402
+from tract_jax.models import factory  # noqa: E402
 
 T = 1024
 # (label, teacher step, student step, student step count) in grid units of T = 1024: the phases of
@@ -58,39 +57,16 @@ PHASES = [('1024->32 (gap 1/1024)', 1, 32, 32), ('64->8 (gap 1/64)', 16, 128, 8)
           ('32->1 (gap 1/32)', 32, 1024, 1), ('8->1 (gap 1/8)', 128, 1024, 1)]
 
 
-def load_config(path):
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def build(model_config, dtype):
-  return UNet(ch=model_config.ch, emb_ch=model_config.emb_ch, ch_mult=tuple(model_config.ch_mult),
-              num_res_blocks=model_config.num_res_blocks,
-              attn_resolutions=tuple(model_config.attn_resolutions),
-              num_heads=model_config.num_heads, head_dim=model_config.head_dim,
-              out_ch=model_config.out_ch, num_classes=model_config.num_classes,
-              num_groups=model_config.num_groups, dtype=dtype)
-
-
-def denoiser(model, mean_type):
-  def denoise(params, z_t, t, labels, dropout_rng=None):
-    out = model.apply({'params': params}, z_t, diffusion.logsnr_schedule(t), labels, train=False)
-    return diffusion.predict_x(out, z_t, t, mean_type)
-  return denoise
-
-
 def digits():
-  with np.load(os.path.join(ROOT, 'tract_jax', 'assets', 'digits8x8.npz')) as f:
-    images = f['images'].astype(np.float32) / 16.0 * 2.0 - 1.0  # 17 grey levels -> [-1, 1]
-  return images[..., None]
+  """The embedded digits (N, 8, 8, 1) in [-1, 1]."""
+  source = data.load_digits()
+  return source.get(np.arange(len(source)))['image']
 
 
-def train_teacher(model, denoise, data, steps, batch, seed, log):
+def train_teacher(model, denoise, images, steps, batch, seed, log):
   """Init, then `steps` Adam steps (lr 1e-3) of the denoising loss (spec section 6), float32."""
   import optax
-  x0 = jnp.asarray(data[:1])
+  x0 = jnp.asarray(images[:1])
   params = jax.jit(lambda k: model.init(k, x0, jnp.zeros((1,)), train=False)['params'])(
       jax.random.PRNGKey(seed))
   if steps == 0:  # random network: give the zero-initialised output layers small random weights
@@ -102,7 +78,7 @@ def train_teacher(model, denoise, data, steps, batch, seed, log):
 
   @jax.jit
   def step(params, opt_state, x, rng):
-    loss_fn = lambda p: methods.teacher_loss(p, denoise, x, None, rng, reduction='mean',
+    loss_fn = lambda p: losses.teacher_loss(p, denoise, x, None, rng, reduction='mean',
                                              dropout=False)
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -112,7 +88,7 @@ def train_teacher(model, denoise, data, steps, batch, seed, log):
   rng = np.random.default_rng(seed)
   start = time.perf_counter()
   for i in range(steps):
-    x = jnp.asarray(data[rng.integers(0, len(data), batch)])
+    x = jnp.asarray(images[rng.integers(0, len(images), batch)])
     params, opt_state, loss = step(params, opt_state, x, jax.random.PRNGKey(i))
     if (i + 1) % max(1, steps // 4) == 0:
       log(f'  teacher step {i + 1}/{steps}: loss {float(loss):.4f} ({time.perf_counter() - start:.0f} s)')
@@ -120,12 +96,12 @@ def train_teacher(model, denoise, data, steps, batch, seed, log):
 
 
 def make_eval(denoise):
-  """Jitted: (params, x, eps, i0, i1, i2) -> dict of the target (methods.tract_target), both
+  """Jitted: (params, x, eps, i0, i1, i2) -> dict of the target (losses.tract_target), both
   predictions, the loss weight and the target formed with bf16-rounded z1, z2 (z-space inverse)."""
 
   @jax.jit
   def evaluate(params, x, eps, i0, i1, i2):
-    _, t0, target = methods.tract_target(denoise, params, params, x, eps, None, i0, i1, i2,
+    _, t0, target = losses.tract_target(denoise, params, params, x, eps, None, i0, i1, i2,
                                          teacher_steps=T, clip_x=True)
     t1, t2 = i1.astype(jnp.float32) / T, i2.astype(jnp.float32) / T
     z0 = diffusion.q_sample(x, eps, t0)
@@ -149,22 +125,22 @@ def _rel(a, b, weight=None):
   return float(np.sqrt(np.sum(w * d2) / np.sum(w * b2)))
 
 
-def measure(config_path, train_steps, batch, seed, log=print):
-  config = load_config(config_path)
-  mc = config.model
-  data = digits() if config.data.name == 'digits' else None
-  if data is None:
+def measure(config, train_steps, batch, seed, log=print):
+  """config: a job config on the digits (its model is measured)."""
+  if config.data.name != 'digits':
     raise SystemExit('this benchmark trains on the embedded digits: use a digits config')
-  model32, model16 = build(mc, 'float32'), build(mc, 'bfloat16')
-  den32, den16 = denoiser(model32, mc.mean_type), denoiser(model16, mc.mean_type)
-  log(f'model {config_path}; teacher: {train_steps} training steps (0 = random weights)')
-  params = train_teacher(model32, den32, data, train_steps, 64, seed, log)
+  images = digits()
+  model32, model16 = (factory.build_model(timed_step.with_model_options(config.model, dtype=d))
+                      for d in ('float32', 'bfloat16'))
+  den32, den16 = (factory.make_denoiser(m, config.model.mean_type) for m in (model32, model16))
+  log(f'teacher: {train_steps} training steps (0 = random weights)')
+  params = train_teacher(model32, den32, images, train_steps, 64, seed, log)
   log(f'  {sum(int(np.prod(l.shape)) for l in jax.tree.leaves(params)):,} parameters')
   eval32, eval16 = make_eval(den32), make_eval(den16)
 
   # The UNet alone: raw output and x_hat, bf16 vs float32, at uniformly random t.
   rng = np.random.default_rng(seed + 7)
-  x = jnp.asarray(data[rng.integers(0, len(data), batch)])
+  x = jnp.asarray(images[rng.integers(0, len(images), batch)])
   eps = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
   t = jnp.asarray(rng.uniform(0.0, 1.0, batch).astype(np.float32))
   z = diffusion.q_sample(x, eps, t)
@@ -181,7 +157,7 @@ def measure(config_path, train_steps, batch, seed, log=print):
   rows = []
   for label, semi, step, nseg in PHASES:
     row_arr = jnp.asarray([semi, step, nseg], jnp.int32)
-    i0, i1, i2 = methods.tract_times(jax.random.PRNGKey(seed + semi), row_arr, batch)
+    i0, i1, i2 = losses.tract_times(jax.random.PRNGKey(seed + semi), row_arr, batch)
     r32 = eval32(params, x, eps, i0, i1, i2)
     r16 = eval16(params, x, eps, i0, i1, i2)
     t0, t1, t2 = (np.asarray(i, np.float64) / T for i in (i0, i1, i2))
@@ -213,7 +189,8 @@ def measure(config_path, train_steps, batch, seed, log=print):
         'interior_fraction': float(interior.mean()),
     }
     rows.append(row)
-  return {'config': config_path, 'train_steps': train_steps, 'batch': batch, 'T': T, 'unet': unet,
+  return {'model': config.model.to_dict(), 'train_steps': train_steps, 'batch': batch, 'T': T,
+          'unet': unet,
           'rows': rows, 'jax_version': jax.__version__, 'device': jax.devices()[0].device_kind}
 
 
@@ -236,14 +213,22 @@ def format_table(result):
   return '\n'.join(lines)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', default=os.path.join(ROOT, 'configs', 'demo.py'))
-  parser.add_argument('--train_steps', type=int, default=400)
-  parser.add_argument('--batch', type=int, default=256)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--json', default=None)
-  args = parser.parse_args()
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs', 'demo.py'),
+                                  'Job configuration file on the digits (its model is measured).')
+  flags.DEFINE_integer('train_steps', 400, 'Teacher training steps before measuring.')
+  flags.DEFINE_integer('batch', 256, 'Examples measured.')
+  flags.DEFINE_integer('seed', 0, 'Seed.')
+  flags.DEFINE_string('json', None, 'Also write the results here.')
+
+
+def main(argv):
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  args = flags.FLAGS
   result = measure(args.config, args.train_steps, args.batch, args.seed)
   print(format_table(result))
   if args.json:
@@ -253,4 +238,6 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  from absl import app
+  _define_flags()
+  app.run(main)

@@ -180,9 +180,9 @@ if [[ "${WITH_DEMO}" == 1 ]]; then
   grep -v '^W0000\|^I0000\|Warning' "${WORK}/demo.log" | tail -n 15
 fi
 
-STATUS_LINES=""
+STATUS_LIST=""
 for name in ${NAMES[@]+"${NAMES[@]}"}; do
-  STATUS_LINES+="${name}=${STATUS[${name}]:-not run}"$'\n'
+  STATUS_LIST+="${STATUS_LIST:+,}${name}=${STATUS[${name}]:-not run}"
 done
 
 # With OUT set, keep every run's log and JSON next to the summary (for a machine that is handed back).
@@ -191,69 +191,7 @@ if [[ -n "${OUT:-}" ]]; then
   cp "${WORK}"/*.log "${WORK}"/*.json "${OUT_DIR}/gpu_check_runs/" 2>/dev/null || true
 fi
 
-# One table and one JSON from the per-run JSON files.
-"${PY}" - "${WORK}" "${JSON_OUT}" "${DRY_RUN}" "${DEMO_STATUS}" "${DEMO_SECONDS}" \
-    "$(( $(date +%s) - START ))" "${STATUS_LINES}" <<'PYEOF'
-import datetime
-import json
-import os
-import sys
-
-work, json_out, dry_run, demo_status, demo_seconds, elapsed, status_lines = sys.argv[1:8]
-status = dict(line.split('=', 1) for line in status_lines.splitlines() if line)
-names = list(status)
-runs, rows = {}, []
-for name in names:
-  path = os.path.join(work, name + '.json')
-  result = json.load(open(path)) if os.path.exists(path) else None
-  if result:
-    result.pop('config', None)
-  runs[name] = {'status': status.get(name, 'not run'), 'result': result}
-  for r in (result or {}).get('benchmarks', []):
-    rows.append((name, result, r))
-any_result = next((v['result'] for v in runs.values() if v['result']), None)
-device = f'{any_result["device_kind"]} ({any_result["platform"]}), jax {any_result["jax_version"]}' if any_result else 'n/a'
-date = datetime.date.today().isoformat()
-print()
-print(f'gpu_check {date}: {device}{"  [DRY RUN: tiny models on CPU]" if dry_run == "1" else ""}')
-head = (f'{"run":<26} {"benchmark":<13} {"batch":>5} {"params":>7} {"cold s":>7} {"(lower)":>7} '
-        f'{"cached s":>8} {"ms/step":>8} {"images/s":>9} {"TFLOP/s":>8} {"% peak":>7} '
-        f'{"peak GiB":>8}')
-print(head)
-print('-' * len(head))
-fmt = lambda v, spec, width: format(v, spec) if v is not None else f'{"n/a":>{width}}'
-for name, result, r in rows:
-  achieved = r.get('achieved_flops_per_s')
-  frac = r.get('fraction_of_peak')
-  peak_mem = r.get('peak_memory_so_far', {})
-  mem = peak_mem['bytes'] / 2**30 if peak_mem.get('kind', '').startswith('device') else None
-  print(f'{name:<26} {r["name"]:<13} {r["batch"]:>5} {result["num_params"] / 1e6:6.1f}M '
-        f'{fmt(r.get("compile_s"), "7.1f", 7)} {fmt(r.get("lower_s"), "7.1f", 7)} '
-        f'{fmt(r.get("cached_compile_s"), "8.1f", 8)} {fmt(r.get("ms_per_call"), "8.1f", 8)} '
-        f'{fmt(r.get("images_per_s"), "9.0f", 9)} '
-        f'{fmt(achieved / 1e12 if achieved else None, "8.1f", 8)} '
-        f'{fmt(100 * frac if frac else None, "6.1f", 6)}% {fmt(mem, "8.1f", 8)}')
-for name, v in runs.items():
-  if v['status'] != 'ok':
-    print(f'{name}: {v["status"]}')
-  res = v['result']
-  if res and res.get('matmul_peak'):
-    p = res['matmul_peak']
-    print(f'{name}: matmul peak {p["flops_per_s"] / 1e12:.1f} TFLOP/s ({p["dtype"]}, {p["size"]}^2); '
-          f'forward {res["forward_flops_per_image"] / 1e9:.2f} GFLOP/image (lowered)')
-  if res and res.get('fid'):
-    f = res['fid']
-    print(f'{name}: FID@50k at 1 step ~ {f["total_s"]:.0f} s = sampling {f["sampling_s"]:.0f} s + '
-          f'features {f["features_s"]:.0f} s ({f["feature_images_per_s"]:.0f} images/s)')
-print(f'demo: {demo_status}' + (f' ({demo_seconds} s)' if demo_seconds else ''))
-print(f'total {elapsed} s; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; cold = lower + compile '
-      'with an empty persistent cache, cached = the same from that cache after jax.clear_caches()')
-summary = {'date': date, 'device': device, 'dry_run': dry_run == '1', 'elapsed_s': int(elapsed),
-           'xla_flags': os.environ.get('XLA_FLAGS', ''), 'runs': runs,
-           'demo': {'status': demo_status, 'seconds': int(demo_seconds) if demo_seconds else None}}
-with open(json_out, 'w') as f:
-  json.dump(summary, f, indent=2, default=str)
-print(f'wrote {json_out}')
-bad = [n for n, v in runs.items() if v['status'] != 'ok']
-sys.exit(1 if bad else 0)
-PYEOF
+# One table and one JSON from the per-run JSON files (benchmarks/tables.py).
+"${PY}" "${ROOT}/benchmarks/tables.py" --gpu_check_work="${WORK}" --json_out="${JSON_OUT}" \
+    --dry_run="${DRY_RUN}" --demo_status="${DEMO_STATUS}" --demo_seconds="${DEMO_SECONDS}" \
+    --elapsed="$(( $(date +%s) - START ))" --status="${STATUS_LIST}"

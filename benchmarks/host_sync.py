@@ -24,8 +24,8 @@ for path in (ROOT, os.path.join(ROOT, 'benchmarks')):
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import throughput  # noqa: E402  (benchmarks/throughput.py)
-from tract_jax import import_teacher, parallel  # noqa: E402
+import timed_step  # noqa: E402  (benchmarks/timed_step.py: the train step over the shared builder)
+from tract_jax import data, methods, parallel  # noqa: E402
 from tract_jax.models import factory  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -33,7 +33,8 @@ FLAGS = flags.FLAGS
 if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs', 'demo.py'),
                                   'Model and batch.', lock_config=False)
-  flags.DEFINE_enum('method', 'tract', ['teacher', 'tract', 'btd'], 'Which step.')
+  flags.DEFINE_enum('method', 'tract', list(methods.names()),
+                    'Which step (a method of config.parametrisation).')
   flags.DEFINE_integer('steps', 100, 'Steps per timed round.')
   flags.DEFINE_integer('rounds', 3, 'Rounds of each way, alternating.')
   flags.DEFINE_integer('batch', 0, 'Global batch (default config.batch_size).')
@@ -53,9 +54,9 @@ def timed_round(bench, steps: int, read_phase: bool) -> float:
 def measure(config, method, batch, steps, rounds, log=print):
   """{'no_read': ms/step, 'read_per_step': ms/step} (medians over rounds)."""
   mesh = parallel.mesh_from_config(config)
-  image_shape = import_teacher.image_shape(config)
+  image_shape = data.image_shape(config.data)
   params = factory.init_params(factory.build_model(config.model), image_shape, config.seed)
-  bench = throughput.StepBench(config, method, batch, mesh, params, image_shape)
+  bench = timed_step.StepBench(config, method, batch, mesh, params, image_shape)
   bench.compile()
   timed_round(bench, 2, False)  # warm-up
   times = {'no_read': [], 'read_per_step': []}

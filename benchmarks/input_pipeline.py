@@ -23,7 +23,6 @@ record read + PNG decode), without grain: the single-core decode rate.
 
 Numbers from a shared machine are noisy; compare rows of the same run.
 """
-import argparse
 import io
 import json
 import os
@@ -119,26 +118,33 @@ def measure_direct(source, args) -> dict:
           'steps_per_s': count / seconds / (args.batch // args.process_count)}
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--steps', type=int, default=20, help='timed batches after the first')
-  parser.add_argument('--records', type=int, default=2048, help='synthetic records per dataset')
-  parser.add_argument('--batch', type=int, default=256, help='global batch')
-  parser.add_argument('--workers', default='0,1,2', help='comma-separated worker counts')
-  parser.add_argument('--prefetch', type=int, default=2)
-  parser.add_argument('--process_count', type=int, default=1,
-                      help='measure one host of this many (it reads batch/process_count per step)')
-  parser.add_argument('--datasets', default='digits,cifar10,imagenet64')
-  parser.add_argument('--json', default='', help='also write the rows here')
-  args = parser.parse_args(argv)
-  worker_counts = [int(w) for w in args.workers.split(',') if w.strip()]
+def _define_flags():
+  """Flags are defined only when run as a program (tests import this module's writer)."""
+  from absl import flags
+  flags.DEFINE_integer('steps', 20, 'Timed batches after the first.')
+  flags.DEFINE_integer('records', 2048, 'Synthetic records per dataset.')
+  flags.DEFINE_integer('batch', 256, 'Global batch.')
+  flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker counts.')
+  flags.DEFINE_integer('prefetch', 2, 'Batches read ahead.')
+  flags.DEFINE_integer('process_count', 1, 'Measure one host of this many (it reads '
+                       'batch/process_count per step).')
+  flags.DEFINE_list('datasets', ['digits', 'cifar10', 'imagenet64'], 'Datasets to read.')
+  flags.DEFINE_string('json', '', 'Also write the rows here.')
+
+
+def main(argv):
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  args = flags.FLAGS
+  worker_counts = [int(w) for w in args.workers if w.strip()]
 
   from tract_jax import data
   import ml_collections
 
   rows = []
   with tempfile.TemporaryDirectory(prefix='tract_jax_input_bench_') as data_dir:
-    for name in args.datasets.split(','):
+    for name in args.datasets:
       record_bytes = None
       if name == 'digits':
         source = data.load_digits()
@@ -171,8 +177,12 @@ def main(argv=None):
         '"direct" = source[i] in one thread, no grain.')
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({'args': vars(args), 'rows': rows}, f, indent=1)
+      options = {k: args[k].value for k in ('steps', 'records', 'batch', 'workers', 'prefetch',
+                                            'process_count', 'datasets')}
+      json.dump({'args': options, 'rows': rows}, f, indent=1)
 
 
 if __name__ == '__main__':
-  main()
+  from absl import app
+  _define_flags()
+  app.run(main)

@@ -48,7 +48,7 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tract_jax import checkpoints, config_checks, data, parallel, phases, train, workdir as workdirs, writers  # noqa: E402
+from tract_jax import checkpoints, config_checks, data, methods, parallel, phases, train, workdir as workdirs, writers  # noqa: E402
 from tract_jax.errors import ConfigError  # noqa: E402
 from tract_jax.evaluator import Evaluator  # noqa: E402
 from tract_jax.models import factory  # noqa: E402
@@ -98,15 +98,16 @@ def method_specs(teacher_steps: int, intermediate: int = None):
   """[(key, label, method, schedule)] in table order; schedules are tuples of step counts."""
   T = int(teacher_steps)
   I = default_intermediate(T) if intermediate is None else int(intermediate)
+  halving = methods.btd.halving_schedule
   if I < 2 or T <= I or T % I:
     raise ConfigError(f'teacher_steps={T}: the quality benchmark distils through {I} steps, so it '
                       f'needs a multiple of {I} above it (e.g. 64 with 8, 1024 with 32)')
   return [
       (f'tract_{T}-{I}-1', f'TRACT {T},{I},1', 'tract', (T, I, 1)),
       (f'tract_{T}-1', f'TRACT {T},1', 'tract', (T, 1)),
-      ('btd_1', f'BTD {T}..1', 'btd', phases.btd_schedule(T, 1)),
+      ('btd_1', f'BTD {T}..1', 'btd', halving(T, 1)),
       (f'tract_{T}-{I}-2', f'TRACT {T},{I},2', 'tract', (T, I, 2)),
-      ('btd_2', f'BTD {T}..2', 'btd', phases.btd_schedule(T, 2)),
+      ('btd_2', f'BTD {T}..2', 'btd', halving(T, 2)),
   ]
 
 
@@ -144,7 +145,7 @@ def get_teacher(config, workdir, teacher_path, source, mesh, log=print):
     return checkpoints.load_params(teacher_path, like), os.path.abspath(teacher_path)
   teacher_dir = os.path.join(workdir, 'teacher')
   teacher_config = copy.deepcopy(config)
-  teacher_config.method = 'teacher'
+  teacher_config.method = methods.TEACHER
   _write_config(teacher_config, teacher_dir)
   start = time.time()
   params = train.train_teacher(teacher_config, teacher_dir, source, mesh)
@@ -229,7 +230,7 @@ def setup(config, num_samples: int):
   source = data.load_digits()
   config_checks.check_image_shape(config, source.image_shape)
   mesh = parallel.mesh_from_config(config)
-  parallel.check_batch(config.batch_size, mesh)
+  config_checks.check_device_sizes(config, mesh)
   sample_batch = min(num_samples, 256)
   if num_samples % sample_batch or num_samples < 2:
     raise ConfigError(f'--num_samples={num_samples}: use at most 256 or a multiple of 256')
@@ -252,8 +253,8 @@ def run_quality(config, workdir, *, budget, num_samples, teacher_path=None, keys
   eval_config = copy.deepcopy(config)
   eval_config.eval.num_samples = num_samples
   eval_config.eval.sample_batch = sample_batch
-  denoise = factory.make_denoiser(factory.build_model(config.model), config.model.mean_type)
-  evaluator = Evaluator(eval_config, denoise, source.image_shape, workdir, mesh)
+  evaluator = Evaluator(eval_config, factory.build_model(config.model), source.image_shape, workdir,
+                        mesh)
   metric = DigitsMetric()
   data_features = metric.features(source.get(np.arange(len(source)))['image'])
 

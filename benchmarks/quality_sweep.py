@@ -43,7 +43,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import quality  # noqa: E402  (benchmarks/quality.py)
-from tract_jax import checkpoints, parallel  # noqa: E402
+from tract_jax import checkpoints, methods, parallel  # noqa: E402
 from tract_jax.errors import ConfigError  # noqa: E402
 from tract_jax.evaluator import Evaluator  # noqa: E402
 from tract_jax.evaluation.digits_metric import DigitsMetric  # noqa: E402
@@ -118,10 +118,10 @@ def run_sweep(config, workdir, *, teacher_path, budgets, seeds=2, multi_seed_bud
   os.makedirs(workdir, exist_ok=True)
   like = factory.abstract_params(factory.build_model(config.model), source.image_shape, mesh)
   teacher = checkpoints.load_params(teacher_path, like)
-  denoise = factory.make_denoiser(factory.build_model(config.model), config.model.mean_type)
+  model = factory.build_model(config.model)
   eval_config = copy.deepcopy(config)   # config.seed fixes the evaluation noise of every row
   eval_config.eval.num_samples, eval_config.eval.sample_batch = num_samples, sample_batch
-  evaluator = Evaluator(eval_config, denoise, source.image_shape, workdir, mesh)
+  evaluator = Evaluator(eval_config, model, source.image_shape, workdir, mesh)
   metric = DigitsMetric()
   data_features = metric.features(source.get(np.arange(len(source)))['image'])
   reference = cached_reference(evaluator, teacher, T,
@@ -156,7 +156,7 @@ def run_sweep(config, workdir, *, teacher_path, budgets, seeds=2, multi_seed_bud
       run_dir = os.path.join(workdir, 'runs', f'{budget}_s{seed}', key)
       log(f'--- {label}, budget {budget:,} (seed {seed}): {plan.num_phases} phase(s) x '
           f'{plan.steps_per_phase} steps ---')
-      run_evaluator = Evaluator(run_eval, denoise, source.image_shape, run_dir, mesh)
+      run_evaluator = Evaluator(run_eval, model, source.image_shape, run_dir, mesh)
       student, seconds = quality.distill(run_config, run_dir, plan, teacher, teacher_path, source,
                                          mesh, run_evaluator)
       steps = plan.schedule[-1]
@@ -191,17 +191,20 @@ METRICS = (('fid', 'digits FID'), ('kid', 'digits KID'),
            ('rmse_vs_teacher', 'RMSE vs teacher'))
 
 
+# One colour per kind of run, the same in the 1-step and 2-step panels: BTD, TRACT in one phase,
+# TRACT in two.
+METHOD_COLORS = {'btd': 'C2'}
+
+
 def _color(row):
-  """One colour per kind of method, the same in the 1-step and 2-step panels."""
-  if row['method'] == 'btd':
-    return 'C2'
-  return 'C0' if len(row['schedule']) == 2 else 'C1'
+  return METHOD_COLORS.get(row['method']) or ('C0' if len(row['schedule']) == 2 else 'C1')
 
 
 def aggregate(rows):
   """{key: {'label', 'steps', 'points': [(budget, {metric: (mean, lo, hi)}, n_seeds)]}}."""
   by_key = collections.OrderedDict()
-  for r in sorted(rows, key=lambda r: (r['sampling_steps'], r['method'] != 'tract', r['key'])):
+  order = methods.names()  # the registry's order: TRACT before BTD
+  for r in sorted(rows, key=lambda r: (r['sampling_steps'], order.index(r['method']), r['key'])):
     entry = by_key.setdefault(r['key'], {'label': r['label'], 'steps': r['sampling_steps'],
                                          'color': _color(r),
                                          'runs': collections.defaultdict(list)})

@@ -1,4 +1,5 @@
-"""TRACT step time on 1, 2, 4 and 8 simulated CPU devices, same global batch, demo-sized model.
+"""The train step of config.method (TRACT for the demo) on 1, 2, 4 and 8 simulated CPU devices, same
+global batch, demo-sized model.
 
   python benchmarks/scaling.py [--config=configs/demo.py] [--batch=64] [--steps=10] [--quick]
       [--devices=1,2,4,8] [--json=out.json]
@@ -33,8 +34,10 @@ for path in (ROOT, HERE):
 
 import jax  # noqa: E402
 
-import throughput  # noqa: E402  (benchmarks/throughput.py: StepBench and the timing helpers)
-from tract_jax import config_checks, import_teacher, parallel  # noqa: E402
+import flops  # noqa: E402  (benchmarks/flops.py)
+import measure  # noqa: E402  (benchmarks/measure.py)
+import timed_step  # noqa: E402  (benchmarks/timed_step.py: the train step over the shared builder)
+from tract_jax import config_checks, data, parallel  # noqa: E402
 from tract_jax.models import factory  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -53,9 +56,10 @@ if __name__ == '__main__':
 
 
 def run_scaling(config, batch, steps, device_counts, log=print):
-  """Times the TRACT step of `config`'s model on each device count; returns a JSON-ready dict."""
+  """Times the step of config.method on `config`'s model on each device count; returns a
+  JSON-ready dict."""
   available = jax.devices()
-  image_shape = import_teacher.image_shape(config)
+  image_shape = data.image_shape(config.data)
   config_checks.check_image_shape(config, image_shape)
   model = factory.build_model(config.model)
   params = factory.init_params(model, image_shape, config.seed)
@@ -65,20 +69,20 @@ def run_scaling(config, batch, steps, device_counts, log=print):
       raise ValueError(f'{n} devices asked for, {len(available)} present')
     mesh = parallel.make_mesh(n, 1, available[:n])
     parallel.check_batch(batch, mesh, '--batch')
-    bench = throughput.StepBench(config, 'tract', batch, mesh,
+    bench = timed_step.StepBench(config, config.method, batch, mesh,
                                  jax.device_put(params, parallel.replicated(mesh)), image_shape)
     compile_s = bench.compile()['compile_s']
-    times = throughput.time_calls(bench.run, steps)
+    times = measure.time_calls(bench.run, steps)
     rows.append({'devices': n, 'per_device_batch': batch // n, 'compile_s': compile_s,
                  'ms_per_step': 1e3 * statistics.median(times), 'ms_per_step_min': 1e3 * min(times),
-                 'xla_flops_per_device_program': throughput.cost_flops(bench.compiled)})
+                 'xla_flops_per_device_program': flops.cost_flops(bench.compiled)})
     log(f'  {n} device(s): compile {compile_s:.1f}s, {rows[-1]["ms_per_step"]:.1f} ms/step')
     del bench
   base = rows[0]['ms_per_step']
   for row in rows:
     row['ratio_to_first'] = row['ms_per_step'] / base
   return {'batch': batch, 'timed_steps': steps, 'image_shape': list(image_shape),
-          'schedule': config.time_schedule, 'cpu_count': os.cpu_count(),
+          'method': config.method, 'schedule': config.time_schedule, 'cpu_count': os.cpu_count(),
           'jax_version': jax.__version__, 'rows': rows, 'note': NOTE}
 
 
@@ -90,7 +94,8 @@ def format_table(result):
   for r in result['rows']:
     lines.append(f'{r["devices"]:>7} {r["per_device_batch"]:>12} {r["compile_s"]:9.1f} '
                  f'{r["ms_per_step"]:9.1f} {r["ms_per_step_min"]:8.1f} {r["ratio_to_first"]:11.2f}')
-  lines.append(f'TRACT step, global batch {result["batch"]}, images {tuple(result["image_shape"])}, '
+  lines.append(f'{result["method"]} step, global batch {result["batch"]}, images '
+               f'{tuple(result["image_shape"])}, '
                f'median of {result["timed_steps"]} steps, simulated CPU devices on '
                f'{result["cpu_count"]} cores')
   lines.append(result['note'])

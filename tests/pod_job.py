@@ -26,8 +26,7 @@ jax.config.update('jax_num_cpu_devices', 8)  # before JAX starts its backend
 import numpy as np  # noqa: E402
 
 from tiny import tiny_config, tiny_job_config  # noqa: E402
-from tract_jax import checkpoints, config_checks, data, parallel, state as state_lib, steps  # noqa: E402
-from tract_jax import train  # noqa: E402
+from tract_jax import checkpoints, data, methods, parallel, steps, train  # noqa: E402
 from tract_jax.models import factory  # noqa: E402
 
 MESHES = {'1dev': (1, 1, 1), 'dp8': (8, 1, 8), 'fsdp2x4': (2, 4, 8)}  # data, fsdp, devices used
@@ -73,24 +72,10 @@ def one_step(method, mesh):
   params = perturbed_params(config)
   source = data.load_digits()
   batch = parallel.global_batch(source.get(np.arange(16)), mesh)
-  model = factory.build_model(config.model, dropout=0.0)
-  denoise = factory.make_denoiser(model, 'x')
-  if method == 'teacher':
-    tx = state_lib.make_optimizer(1e-3, 0, 1.0, eps=1e-3)
-    state, sh = state_lib.create_state(params, tx, 0, mesh, FSDP_MIN)
-    loss_fn = steps.teacher_loss_fn(denoise, reduction='mean', time_sampling='continuous',
-                                    teacher_steps=16, conditional=False, dropout=False)
-    step = steps.make_train_step(loss_fn, tx, ema_momentum=0.9, mesh=mesh, state_sharding=sh)
-  else:
-    plan = config_checks.validate_config(config)
-    o = config.optimizer
-    tx = state_lib.make_optimizer(o.learning_rate, 0, o.grad_clip, eps=o.eps)
-    state, sh = state_lib.create_state(params, tx, 0, mesh, FSDP_MIN, sema=method == 'tract',
-                                       teacher=params)
-    loss_fn = steps.distill_loss_fn(denoise, plan, reduction='sum', clip_x=True, conditional=False)
-    step = steps.make_train_step(loss_fn, tx, ema_momentum=plan.ema_momentum,
-                                 sema_momentum=0.5 if method == 'tract' else None, mesh=mesh,
-                                 state_sharding=sh)
+  config.mesh.fsdp_min_size = FSDP_MIN
+  config.teacher_training.update(learning_rate=1e-3, warmup_steps=0, dropout=0.0, ema_decay=0.9,
+                                 batch_size=16)
+  step, state = steps.build_train_step(config, methods.get(method), mesh, params)[:2]
   for _ in range(2):
     state, metrics = step(state, batch)
   sharded = sum(1 for x in jax.tree.leaves(state.params) if not x.sharding.is_fully_replicated)

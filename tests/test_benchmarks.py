@@ -1,6 +1,5 @@
 """The benchmark scripts: throughput and scaling end to end on a tiny model, quality's building blocks
 plus one tiny distillation through its whole pipeline (the full --quick run takes minutes)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,9 +15,6 @@ sys.path.insert(0, BENCHMARKS)
 
 import quality  # noqa: E402  (benchmarks/quality.py)
 import quality_sweep  # noqa: E402  (benchmarks/quality_sweep.py)
-import throughput  # noqa: E402  (benchmarks/throughput.py)
-from tract_jax.models import factory  # noqa: E402
-from tract_jax.models.unet import count_params  # noqa: E402
 
 # The tests' tiny model (tests/tiny.py): its programs are in the session's compilation cache.
 TINY_JOB = '--config=tests/tiny_job.py'
@@ -76,29 +72,6 @@ def test_throughput_tiny(tmp_path):
   assert 'GFLOP/call' in stdout and 'peak:' in stdout and 'FID@50k at 1 step' in stdout
 
 
-def test_lowered_flops_of_the_cifar10_forward():
-  """The known count of the paper's CIFAR-10 UNet forward (60,004,099 params) at batch 1: 34.06
-  GFLOP, from the lowered program of abstract parameters (nothing allocated, nothing compiled)."""
-  spec = importlib.util.spec_from_file_location('cifar10_tract', os.path.join(ROOT, 'configs',
-                                                                               'cifar10_tract.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  model_config = module.get_config().model
-  model = factory.build_model(throughput.with_model_options(model_config, dtype='float32'))
-  assert count_params(factory.abstract_params(model, (32, 32, 3))) == 60_004_099
-  flops = throughput.forward_flops(model_config, (32, 32, 3), batch=1)
-  assert flops == pytest.approx(34.06e9, rel=2e-4), flops
-  # The jaxpr count (convolutions and matmuls, valid taps only), used where the lowered analysis
-  # returns None (jax 0.11 on GPU), misses only the elementwise work: 99.7% here.
-  apply = lambda p, x, l: model.apply({'params': p}, x, l, train=False)
-  shapes = (factory.abstract_params(model, (32, 32, 3)),
-            jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32), jax.ShapeDtypeStruct((1,), np.float32))
-  assert 0.995 < throughput.jaxpr_flops(apply, *shapes) / flops < 1.0
-  # lowered_flops itself on a matmul: 2 n^3 (a multiply-add is 2 FLOPs).
-  a = jax.ShapeDtypeStruct((64, 64), np.float32)
-  assert throughput.lowered_flops(lambda x, y: x @ y, a, a) == 2 * 64 ** 3
-
-
 @pytest.mark.slow
 def test_gpu_check_script(tmp_path):
   """benchmarks/gpu_check.sh parses (bash -n) and its --dry-run (tiny models on CPU) writes the
@@ -120,23 +93,6 @@ def test_gpu_check_script(tmp_path):
   assert summary['runs']['cifar10_bf16']['result']['matmul_peak']['dtype'] == 'bfloat16'
   assert summary['runs']['imagenet64_bf16']['result']['benchmarks'][0]['cached_compile_s'] > 0
   assert 'FID@50k at 1 step' in result.stdout and 'images/s' in result.stdout
-
-
-class _Analysed:
-  def __init__(self, analysis):
-    self.analysis = analysis
-
-  def cost_analysis(self):
-    if isinstance(self.analysis, Exception):
-      raise self.analysis
-    return self.analysis
-
-
-@pytest.mark.parametrize('analysis,expected', [
-    ({'flops': 12.0}, 12.0), ([{'flops': 7.0}], 7.0), (None, None), ([], None), ({}, None),
-    ({'flops': -1.0}, None), (NotImplementedError('no'), None)])
-def test_cost_flops_shapes(analysis, expected):
-  assert throughput.cost_flops(_Analysed(analysis)) == expected
 
 
 @pytest.mark.slow

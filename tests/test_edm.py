@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from tract_jax import checkpoints, config_checks, edm, phases, state, steps, train
+from tract_jax import checkpoints, config_checks, edm, losses, phases, state, steps, train
 from tract_jax.errors import ConfigError
 from tract_jax.models import factory
 
@@ -255,7 +255,7 @@ def test_target_end_of_segment_skips_the_self_teacher():
 def test_target_random_indices_and_other_grids():
   for T, S, seed in ((40, 1, 3), (40, 2, 4), (18, 3, 5), (256, 4, 6)):
     row = jnp.asarray(phases.make_plan('tract_edm', T, f'{T},{S}', 10 * 8, 8, 1e-3).phase_table()[0])
-    i0, i1, i2 = (np.asarray(v) for v in edm.tract_indices(jax.random.PRNGKey(seed), row, 24))
+    i0, i1, i2 = (np.asarray(v) for v in losses.tract_times(jax.random.PRNGKey(seed), row, 24))
     stride = T // S
     index = i2 + stride
     _check_target(T, stride, index, index - i0, seed)
@@ -265,14 +265,14 @@ def test_indices_follow_the_spec():
   # The release's phase (g = 1): index = step * U{1..S}, semi = U{0..step-1}, i1 = index - semi - 1.
   row = jnp.asarray(phases.make_plan('tract_edm', 40, '40,4', 10 * 8, 8, 1e-3).phase_table()[0])
   assert tuple(int(v) for v in row) == (1, 10, 4)
-  i0, i1, i2 = (np.asarray(v) for v in edm.tract_indices(jax.random.PRNGKey(0), row, 4096))
+  i0, i1, i2 = (np.asarray(v) for v in losses.tract_times(jax.random.PRNGKey(0), row, 4096))
   index = i2 + 10
   assert set(np.unique(index)) == {10, 20, 30, 40}
   assert set(np.unique(index - i0)) == set(range(10))
   assert np.all(i1 == i0 - 1) and np.any(i1 == 0) and np.all(i1 >= i2)
   # A later phase (g = 5 grid units per teacher step): i0 = index - j g, j = U{0..step/g - 1}.
   row = jnp.asarray([5, 20, 2])
-  i0, i1, i2 = (np.asarray(v) for v in edm.tract_indices(jax.random.PRNGKey(1), row, 4096))
+  i0, i1, i2 = (np.asarray(v) for v in losses.tract_times(jax.random.PRNGKey(1), row, 4096))
   assert set(np.unique(i2 + 20 - i0)) == {0, 5, 10, 15} and np.all(i1 == i0 - 5)
 
 
@@ -305,7 +305,7 @@ def test_loss_is_the_unweighted_pixel_mean_in_f_space():
                            row)
   # The same examples by hand, in float64: F_pred = (D_student - c_skip x_t) / c_out.
   k_idx, k_eps, _ = jax.random.split(rng, 3)
-  i0, _, i2 = (np.asarray(v) for v in edm.tract_indices(k_idx, row, 8))
+  i0, _, i2 = (np.asarray(v) for v in losses.tract_times(k_idx, row, 8))
   eps = np.asarray(jax.random.normal(k_eps, x.shape, jnp.float32), np.float64)
   sig = ref_grid(T)
   per_example = []
@@ -342,7 +342,7 @@ def test_teacher_loss_is_edms():
 
 # ---- section 4: the optimiser ----------------------------------------------------------------------
 def test_optimizer_warmup_in_samples_and_finite_gradients():
-  tx = state.make_edm_optimizer(1e-3, warmup_samples=100, batch_size=8)
+  tx = state.make_optimizer(1e-3, grad_clip=0.0, warmup_samples=100, batch_size=8)
   params = {'w': jnp.zeros(3)}
   opt_state = tx.init(params)
   lrs = []
@@ -358,7 +358,7 @@ def test_optimizer_warmup_in_samples_and_finite_gradients():
 def test_step_replaces_non_finite_gradients_instead_of_skipping():
   """tract_edm: a gradient with inf entries is sanitised and applied (only a non-finite loss skips)."""
   params = {'w': jnp.ones(2)}
-  tx = state.make_edm_optimizer(1e-2)
+  tx = state.make_optimizer(1e-2, grad_clip=0.0)
 
   def loss_fn(p, st, batch, rng):
     del st, batch, rng

@@ -299,10 +299,6 @@ def test_arch_config_checks():
   with pytest.raises(ConfigError, match="model.edm.encoder_type='skip': allowed values are "
                                         "'standard', 'residual'"):
     config_checks.validate_config(config)
-  config = edm_config()
-  config.model.conv_impl = 'im2col'
-  with pytest.raises(ConfigError, match="model.conv_impl='im2col': only the ddpm UNet"):
-    config_checks.validate_config(config)
   with pytest.raises(ConfigError, match=r'model.edm.channel_mult=\(2, 2, 2\): 3 levels'):
     config_checks.check_image_shape(edm_config(), (6, 6, 3))
 

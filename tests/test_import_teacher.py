@@ -15,7 +15,7 @@ import pytest
 from flax import serialization
 
 from conftest import tiny_config
-from tract_jax import checkpoints, import_teacher
+from tract_jax import checkpoints, data, import_teacher, paths
 from tract_jax.models import factory
 from tract_jax.errors import ConfigError
 
@@ -168,7 +168,7 @@ def test_gs_source_read_through_epath(tmp_path, monkeypatch):
       return data
 
   monkeypatch.setattr(epath, 'Path', FakeGcs)
-  tree = import_teacher.parse_source(import_teacher.read_source('gs://bucket/teacher'))
+  tree = import_teacher.parse_source(paths.read_bytes('gs://bucket/teacher', 'source'))
   assert seen == ['gs://bucket/teacher'] and 'ema_params' in tree
 
 
@@ -195,16 +195,16 @@ def test_other_file_layouts_and_bad_files(tmp_path):
   bad = tmp_path / 'not_msgpack'
   bad.write_bytes(b'\x00\x01 definitely not msgpack \xc1')
   with pytest.raises(ConfigError, match='not a Flax msgpack file'):
-    import_teacher.parse_source(import_teacher.read_source(str(bad)))
+    import_teacher.parse_source(paths.read_bytes(str(bad), 'source'))
   with pytest.raises(ConfigError, match='no such file'):
-    import_teacher.read_source(str(tmp_path / 'missing'))
+    paths.read_bytes(str(tmp_path / 'missing'), 'source')
 
 
 def test_image_shapes():
   config = small_config()
   for name, shape in (('cifar10', (32, 32, 3)), ('imagenet64', (64, 64, 3)), ('digits', (8, 8, 1))):
     config.data.name = name
-    assert import_teacher.image_shape(config) == shape
+    assert data.image_shape(config.data) == shape  # TFDS names from their dataset info
   config.data.name = 'mnist'
   with pytest.raises(ConfigError, match="data.name='mnist'"):
-    import_teacher.image_shape(config)
+    data.image_shape(config.data)

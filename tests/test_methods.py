@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tract_jax import methods, phases
+from tract_jax import losses as methods, phases
 
 T = 1024
 

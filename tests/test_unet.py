@@ -1,4 +1,4 @@
-"""Tests of the teacher UNet (spec TRACT.md section 7): parameter counts, names, shapes, conv paths,
+"""Tests of the teacher UNet (spec TRACT.md section 7): parameter counts, names, shapes,
 mixed precision (bf16 compute, float32 parameters and output) and rematerialisation."""
 
 import functools
@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
-from tract_jax.models.unet import (UNet, canonical_dtype, count_params, im2col_conv_general_dilated,
-                                   logsnr_to_input, timestep_embedding)
+from tract_jax.models.unet import (UNet, canonical_dtype, count_params, logsnr_to_input,
+                                   timestep_embedding)
 
 CIFAR = dict(ch=256, emb_ch=1024, ch_mult=(1, 1, 1), num_res_blocks=3, attn_resolutions=(16, 8),
              num_heads=1, head_dim=None, out_ch=3)
@@ -118,18 +117,6 @@ def test_embedding_formula():
   freqs = np.exp(-np.arange(4) * np.log(10000.) / 3)
   np.testing.assert_allclose(emb[1], np.concatenate([np.sin(3 * freqs), np.cos(3 * freqs)]),
                              rtol=1e-6)
-
-
-@pytest.mark.parametrize('padding', ['SAME', 'VALID', [(2, 0), (0, 1)]])
-@pytest.mark.parametrize('ksize', [1, 3])
-def test_im2col_matches_lax(padding, ksize):
-  kx, kw = jax.random.split(jax.random.key(1))
-  x = jax.random.normal(kx, (2, 5, 6, 3))
-  w = jax.random.normal(kw, (ksize, ksize, 3, 4))
-  dn = lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
-  ref = lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn)
-  out = im2col_conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn)
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def _random_params(model, seed, conditional=False):
@@ -241,26 +228,6 @@ def _rel_l2(a, b):
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def test_im2col_and_xla_agree():
-  (l_x, out_x), (g_x, gin_x) = _tiny_value_and_grad(conv_impl='xla')
-  (l_i, out_i), (g_i, gin_i) = _tiny_value_and_grad(conv_impl='im2col')
-  assert jax.tree_util.tree_structure(g_x) == jax.tree_util.tree_structure(g_i)
-  np.testing.assert_allclose(out_i, out_x, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(l_i, l_x, rtol=1e-5)
-  np.testing.assert_allclose(gin_i, gin_x, rtol=1e-4, atol=1e-6)
-  flat_x = jax.tree_util.tree_leaves_with_path(g_x)
-  flat_i = jax.tree_util.tree_leaves(g_i)
-  # Per-leaf tolerance plus a global floor: some gradients are exactly zero in exact arithmetic
-  # (e.g. a conv bias followed by a GroupNorm with one channel per group) and are pure rounding noise.
-  gmax = max(float(jnp.max(jnp.abs(g))) for _, g in flat_x)
-  for (path, gx), gi in zip(flat_x, flat_i):
-    atol = 1e-4 * float(jnp.max(jnp.abs(gx))) + 1e-6 * gmax
-    np.testing.assert_allclose(gi, gx, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
-  assert float(jnp.max(jnp.abs(g_x['conv_out']['kernel']))) > 0
-  assert float(jnp.max(jnp.abs(g_x['down_0.block_0']['conv1']['kernel']))) > 0
-  assert float(jnp.max(jnp.abs(g_x['mid.attn_1']['q']['kernel']))) > 0
-
-
 def test_dtype_and_remat_keep_the_parameter_tree():
   """Published teachers load by name: bf16 compute and remat must not rename, add or recast leaves."""
   ref = _abstract_params(UNet(**TINY), 8, 1, False)
@@ -284,8 +251,8 @@ def test_bf16_forward_backward_close_to_f32():
   expected (measured: output 1.2%, parameter gradients 1.4%, input gradients 3.6%, the input
   gradient being one more long chain). The bounds are ~2.5x the measurements (5u-20u); the lower
   bound (100x float32's round-off) shows bf16 is really used."""
-  (l32, out32), (g32, gin32) = _tiny_value_and_grad(conv_impl='xla')
-  (l16, out16), (g16, gin16) = _tiny_value_and_grad(conv_impl='xla', dtype='bfloat16')
+  (l32, out32), (g32, gin32) = _tiny_value_and_grad()
+  (l16, out16), (g16, gin16) = _tiny_value_and_grad(dtype='bfloat16')
   assert out16.dtype == jnp.float32 and l16.dtype == jnp.float32
   assert {g.dtype for g in jax.tree.leaves(g16)} == {jnp.dtype(jnp.float32)}
   assert bool(jnp.all(jnp.isfinite(out16))) and bool(jnp.isfinite(l16))
@@ -302,8 +269,8 @@ def test_remat_gives_the_same_gradients():
   barriered) forward differently, which reorders a few float32 reductions (GroupNorm means), so the
   results differ by float32 round-off: measured 7e-7 relative (L2) on parameter gradients, 2e-6 on
   input gradients, i.e. a few ulps (float32 u = 6e-8). Bounds: 5e-6 (~80 u)."""
-  (l32, out32), (g32, gin32) = _tiny_value_and_grad(conv_impl='xla')
-  (lr, outr), (gr, ginr) = _tiny_value_and_grad(conv_impl='xla', remat='blocks')
+  (l32, out32), (g32, gin32) = _tiny_value_and_grad()
+  (lr, outr), (gr, ginr) = _tiny_value_and_grad(remat='blocks')
   assert jax.tree_util.tree_structure(gr) == jax.tree_util.tree_structure(g32)
   assert _rel_l2(outr, out32) < 5e-6
   assert _rel_l2(gr, g32) < 5e-6

@@ -18,12 +18,12 @@ Made with (a separate venv; tract_jax itself does not need torch; only numpy is 
 With --pth=pt_inception-2015-12-05-6726825d.pth it uses the real weights instead (then write the
 file elsewhere and point TRACT_INCEPTION_GOLDEN at it; the real weights are not redistributed here).
 """
-import argparse
 import os
 import sys
 import time
 
 import numpy as np
+from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,20 +32,24 @@ from tract_jax.evaluation import convert_inception  # noqa: E402  (NumPy only; n
 DEFAULT_OUTPUT = os.path.join(ROOT, 'tract_jax', 'evaluation', 'golden', 'pytorch_fid_synthetic.npz')
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--seed', type=int, default=0, help='seed of synthetic_state_dict')
-  parser.add_argument('--pth', default=None, help='real pytorch-fid weights instead of synthetic')
-  parser.add_argument('--output', default=DEFAULT_OUTPUT)
-  parser.add_argument('--threads', type=int, default=2)
-  args = parser.parse_args(argv)
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('seed', 0, 'Seed of synthetic_state_dict.')
+flags.DEFINE_string('pth', None, 'Real pytorch-fid weights instead of synthetic ones.')
+flags.DEFINE_string('output', DEFAULT_OUTPUT, 'File to write.')
+flags.DEFINE_integer('threads', 2, 'torch CPU threads.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  args = FLAGS
 
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
   if args.pth:
     if os.path.abspath(args.output) == DEFAULT_OUTPUT:
       raise SystemExit('--pth: give --output (the committed golden file is for synthetic weights)')
-    state_dict = convert_inception._load_torch_state_dict(args.pth)  # pylint: disable=protected-access
+    state_dict = convert_inception.load_torch_state_dict(args.pth)
     extra = {'weights': np.asarray(os.path.basename(args.pth))}
   else:
     state_dict = convert_inception.synthetic_state_dict(args.seed)
@@ -62,4 +66,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

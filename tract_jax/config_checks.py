@@ -1,13 +1,11 @@
 """Every start-up check: a bad value stops the job before anything compiles, with one line that names
 the field, the value and what is allowed (ConfigError, exit code 2 from main.py)."""
-from tract_jax import checkpoints, data, diffusion, methods, parallel, paths, phases
+from tract_jax import checkpoints, data, diffusion, losses, methods, parallel, paths, phases
 from tract_jax.errors import ConfigError
 
-__all__ = ['ConfigError', 'validate_config', 'check_image_shape', 'check_device_sizes', 'METHODS',
-           'MODES', 'METRICS']
+__all__ = ['ConfigError', 'validate_config', 'check_method', 'check_model', 'check_image_shape',
+           'check_device_sizes', 'MODES', 'METRICS']
 
-METHODS = ('teacher', 'tract', 'btd', 'tract_edm')
-PARAMETRISATIONS = ('ddim', 'edm')
 MODES = ('train', 'evaluate', 'sample')
 METRICS = ('agreement', 'digits_fid', 'fid', 'kid')
 
@@ -44,14 +42,11 @@ def _check_eval(config):
 def _check_arch(config):
   """model.arch and, for EDM's networks, the model.edm fields (models/edm_networks.py)."""
   from tract_jax.models import edm_networks, factory
-  arch = config.model.get('arch', 'ddpm')
+  arch = config.model.arch
   _choice('model.arch', arch, factory.ARCHS)
   if arch == 'ddpm':
     return
   edm = config.model.edm
-  if config.model.conv_impl != 'xla':
-    raise ConfigError(f'model.conv_impl={config.model.conv_impl!r}: only the ddpm UNet has the '
-                      f"im2col convolution; model.arch={arch!r} needs 'xla'")
   for field in ('model_channels', 'channel_mult_emb', 'num_blocks', 'channel_mult_noise'):
     if int(edm[field]) < 1:
       raise ConfigError(f'model.edm.{field}={edm[field]}: must be a positive integer')
@@ -68,10 +63,10 @@ def _check_arch(config):
                         'the resampling filter, with a positive sum')
 
 
-def _check_model(config):
+def check_model(config):
+  """config.model: the architecture and the fields every network reads (no I/O)."""
   _check_arch(config)
   _choice('model.mean_type', config.model.mean_type, diffusion.MEAN_TYPES)
-  _choice('model.conv_impl', config.model.conv_impl, ('xla', 'im2col'))
   _choice('model.dtype', config.model.dtype, ('float32', 'bfloat16'))
   _choice('model.teacher_dtype', config.model.teacher_dtype, ('', 'float32', 'bfloat16'))
   _choice('model.remat', config.model.remat, ('none', 'blocks'))
@@ -84,8 +79,8 @@ def _check_model(config):
 
 def _check_training(config):
   tc = config.teacher_training
-  _choice('loss_reduction', config.loss_reduction, methods.REDUCTIONS)
-  _choice('teacher_training.loss_reduction', tc.loss_reduction, methods.REDUCTIONS)
+  _choice('loss_reduction', config.loss_reduction, losses.REDUCTIONS)
+  _choice('teacher_training.loss_reduction', tc.loss_reduction, losses.REDUCTIONS)
   _choice('teacher_training.time_sampling', tc.time_sampling, ('continuous', 'grid'))
   _choice('ema_reset', config.ema_reset, ('none', 'phase'))
   _choice('nonfinite', config.nonfinite, ('stop', 'skip'))
@@ -98,44 +93,38 @@ def _check_training(config):
       raise ConfigError(f'{name}={config[name]}: must be a positive integer')
 
 
-def _check_parametrisation(config):
-  """EDM teachers (docs/SPEC_EDM.md) go with method 'teacher' or 'tract_edm'; the DDIM ones with the rest."""
-  param = config.get('parametrisation', 'ddim')
-  _choice('parametrisation', param, PARAMETRISATIONS)
-  if config.method == 'tract_edm' and param != 'edm':
-    raise ConfigError(f"parametrisation={param!r}: method 'tract_edm' distils EDM teachers; set "
-                      "parametrisation='edm'")
-  if param == 'edm' and config.method not in ('teacher', 'tract_edm'):
-    raise ConfigError(f"parametrisation='edm': allowed with method 'teacher' or 'tract_edm', not "
-                      f'{config.method!r}')
-  if not 0.0 <= config.get('student_dropout', 0.0) < 1.0:
+def _check_method_fields(config, method) -> None:
+  """The fields only some methods read: each is refused with the others, not ignored."""
+  dropout_methods = [m.name for m in methods.REGISTRY if m.student_dropout]
+  if not 0.0 <= config.student_dropout < 1.0:
     raise ConfigError(f'student_dropout={config.student_dropout}: must be in [0, 1)')
-  if config.get('student_dropout', 0.0) > 0 and config.method != 'tract_edm':
-    raise ConfigError(f'student_dropout={config.student_dropout}: only method tract_edm has it '
-                      '(TRACT and BTD distil with dropout 0)')
-  warmup_samples = config.optimizer.get('warmup_samples', 0)
-  if warmup_samples < 0 or (warmup_samples > 0 and config.method != 'tract_edm'):
+  if config.student_dropout > 0 and not method.student_dropout:
+    raise ConfigError(f'student_dropout={config.student_dropout}: only method '
+                      f'{" or ".join(dropout_methods)} has it (the others distil with dropout 0)')
+  warmup_samples = config.optimizer.warmup_samples
+  sample_methods = ' or '.join(m.name for m in methods.REGISTRY if m.warmup_in_samples)
+  if warmup_samples < 0 or (warmup_samples > 0 and not method.warmup_in_samples):
     raise ConfigError(f'optimizer.warmup_samples={warmup_samples}: must be >= 0, and > 0 only '
-                      'with method tract_edm (the others count optimizer.warmup_steps)')
-  if config.method == 'tract_edm' and config.optimizer.warmup_steps:
-    raise ConfigError(f'optimizer.warmup_steps={config.optimizer.warmup_steps}: tract_edm counts '
-                      'its warm-up in training samples; set optimizer.warmup_samples instead')
-  if param != 'edm':
-    return
-  if config.model.mean_type != 'x':
-    raise ConfigError(f"model.mean_type={config.model.mean_type!r}: with parametrisation='edm' the "
-                      "network output is EDM's preconditioned F; leave mean_type='x'")
-  if config.teacher_steps < 2:
-    raise ConfigError(f'teacher_steps={config.teacher_steps}: the EDM noise grid needs at least 2 '
-                      'steps (the release uses 40)')
-  if config.mode != 'train' and config.eval.steps and config.teacher_steps % config.eval.steps:
-    raise ConfigError(f'eval.steps={config.eval.steps}: the EDM sampler steps on the '
-                      f'teacher_steps={config.teacher_steps} grid, so it must divide it')
+                      f'with method {sample_methods} (the others count optimizer.warmup_steps)')
+  if method.warmup_in_samples and config.optimizer.warmup_steps:
+    raise ConfigError(f'optimizer.warmup_steps={config.optimizer.warmup_steps}: {method.name} '
+                      'counts its warm-up in training samples; set optimizer.warmup_samples '
+                      'instead')
+
+
+def check_method(config):
+  """config.method and config.parametrisation, and the fields that depend on them; returns the
+  method's record (methods.REGISTRY)."""
+  method = methods.for_config(config)  # the parametrisation, and whether the method has it
+  _check_method_fields(config, method)
+  method.parametrisation.check_config(config)
+  method.check_config(config)
+  return method
 
 
 def validate_config(config):
-  """Checks the fields; returns the phase plan (None for the teacher job)."""
-  _choice('method', config.method, METHODS)
+  """Checks the fields; returns the phase plan (None for teacher training)."""
+  _choice('method', config.method, methods.names())
   _choice('mode', config.mode, MODES)
   data.check_name(config.data.name)
   # Local or gs:// (paths.py): refused here only if no installed package can reach the scheme.
@@ -144,13 +133,10 @@ def validate_config(config):
     section, _, name = field.rpartition('.')
     paths.check(field, (config[section] if section else config).get(name, ''))
   _check_eval(config)
-  _check_model(config)
+  check_model(config)
   _check_training(config)
-  _check_parametrisation(config)
-  if config.method == 'teacher':
-    if config.teacher_training.train_steps < 1 and config.mode == 'train':
-      raise ConfigError(f'teacher_training.train_steps={config.teacher_training.train_steps}: the '
-                        'teacher job needs at least one step')
+  method = check_method(config)
+  if not method.distils:
     return None
   if config.mode == 'train':  # evaluate/sample only read the workdir: no teacher is needed
     if not config.teacher_checkpoint and config.teacher_training.train_steps < 1:
@@ -160,15 +146,14 @@ def validate_config(config):
         checkpoints.resolve_params_path(config.teacher_checkpoint)).is_dir():
       raise ConfigError(f'teacher_checkpoint={config.teacher_checkpoint!r}: no such checkpoint '
                         'directory')
-  return phases.make_plan(config.method, config.teacher_steps, config.time_schedule,
-                          config.train_samples, config.batch_size, config.ema_residual)
+  return phases.plan_of(config)
 
 
 def check_image_shape(config, image_shape):
   """The UNet halves the resolution len(ch_mult) - 1 times; the channels must match the output."""
   h, w, c = image_shape
   field, ch_mult = 'model.ch_mult', tuple(config.model.ch_mult)
-  if config.model.get('arch', 'ddpm') != 'ddpm':
+  if config.model.arch != 'ddpm':
     field, ch_mult = 'model.edm.channel_mult', tuple(config.model.edm.channel_mult)
   levels = len(ch_mult) - 1
   if h != w or h % (2 ** levels):

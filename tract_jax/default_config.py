@@ -7,6 +7,9 @@ import os
 
 import ml_collections
 
+# Parameter leaves with fewer elements stay replicated under FSDP (config.mesh.fsdp_min_size).
+FSDP_MIN_SIZE = 2**18
+
 
 def sibling(config_file: str, name: str):
   """Loads configs/<name>.py next to `config_file` as a module, so that a job config can start from
@@ -20,7 +23,7 @@ def sibling(config_file: str, name: str):
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.method = 'tract'          # 'teacher', 'tract', 'btd' or 'tract_edm' (EDM teachers)
+  config.method = 'tract'          # methods.names(): 'teacher', 'tract', 'btd', 'tract_edm' (EDM)
   # 'ddim': the variance-preserving cosine schedule of TRACT.md (methods teacher, tract, btd);
   # 'edm': EDM's sigma grid and preconditioning of docs/SPEC_EDM.md (methods teacher, tract_edm).
   config.parametrisation = 'ddim'
@@ -75,9 +78,6 @@ def get_config():
   config.model.out_ch = 3
   config.model.num_classes = 0
   config.model.num_groups = 32
-  # 'xla' (lax.conv) or 'im2col' (one matmul per conv). Measured on 2 CPU cores with jax 0.10.2, the
-  # im2col path was slower (demo TRACT step 177 ms vs 139 ms), so XLA's convolution is the default.
-  config.model.conv_impl = 'xla'
   config.model.mean_type = 'x'     # 'x', 'both', 'eps', 'v'
   # Computation dtype of the student's convolutions, matmuls and attention: 'float32' or 'bfloat16'
   # (parameters, optimiser state, EMAs, DDIM arithmetic, targets and loss stay float32; README,
@@ -85,7 +85,7 @@ def get_config():
   config.model.dtype = 'float32'
   config.model.teacher_dtype = ''  # teacher and self-teacher forwards; '' = model.dtype
   config.model.remat = 'none'      # 'none' or 'blocks' (recompute residual/attention blocks)
-  # 'ddpm': the UNet above (fields ch ... conv_impl); 'edm_song' / 'edm_dhariwal': EDM's SongUNet /
+  # 'ddpm': the UNet above (fields ch ... num_groups); 'edm_song' / 'edm_dhariwal': EDM's SongUNet /
   # DhariwalUNet (models/edm_networks.py) with model.edm below plus out_ch, num_classes, dtype, remat.
   config.model.arch = 'ddpm'
   config.model.edm = ml_collections.ConfigDict()  # defaults: the CIFAR-10 NCSN++ ('ve') network
@@ -117,7 +117,7 @@ def get_config():
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1            # data-parallel size; -1 = all devices not used by fsdp
   config.mesh.fsdp = 1             # > 1 shards large parameters (and optimiser state) over devices
-  config.mesh.fsdp_min_size = 2**18  # leaves with fewer elements stay replicated
+  config.mesh.fsdp_min_size = FSDP_MIN_SIZE  # leaves with fewer elements stay replicated
   # XLA CPU devices of a CPU run (tract_jax/devices.py): 'auto' = one per core (at most 8) dividing
   # every batch, unless JAX_NUM_CPU_DEVICES / XLA_FLAGS already set a count; or a positive integer.
   # GPU/TPU runs use their accelerators whatever this says.

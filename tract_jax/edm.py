@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tract_jax import methods
+from tract_jax import losses
+from tract_jax.diffusion import bcast
 
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
@@ -71,12 +72,6 @@ class Grid:
     return self.diffs[i, j]
 
 
-def _b(v, like):
-  """(B,) -> (B, 1, 1, 1) to broadcast against images."""
-  v = jnp.asarray(v)
-  return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
-
-
 def precondition(sigma, sigma_data: float = SIGMA_DATA):
   """(c_in, c_skip, c_out, c_noise) of EDM (spec section 1), each shaped like sigma."""
   sigma = jnp.asarray(sigma, jnp.float32)
@@ -104,7 +99,8 @@ def make_network(model):
     c_in, _, _, c_noise = precondition(sigma)
     train = dropout_rng is not None
     rngs = {'dropout': dropout_rng} if train else None
-    out = model.apply({'params': params}, _b(c_in, x) * x, c_noise, labels, train=train, rngs=rngs)
+    out = model.apply({'params': params}, bcast(c_in, x) * x, c_noise, labels, train=train,
+                      rngs=rngs)
     return out.astype(jnp.float32)
 
   return net
@@ -115,7 +111,7 @@ def denoiser(net):
 
   def denoise(params, x, sigma, labels, dropout_rng=None):
     _, c_skip, c_out, _ = precondition(sigma)
-    return _b(c_skip, x) * x + _b(c_out, x) * net(params, x, sigma, labels, dropout_rng)
+    return bcast(c_skip, x) * x + bcast(c_out, x) * net(params, x, sigma, labels, dropout_rng)
 
   return denoise
 
@@ -132,7 +128,7 @@ def step(x, x0, sigma, sigma_next, clip_x: bool = True):
   clip_x): x' = x0 + sigma_next (x - x0) / sigma, non-finite values replaced by 0."""
   if clip_x:
     x0 = jnp.clip(x0, -1.0, 1.0)
-  out = x0 + _b(sigma_next, x) * (x - x0) / _b(sigma, x)
+  out = x0 + bcast(sigma_next, x) * (x - x0) / bcast(sigma, x)
   return jnp.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -165,29 +161,13 @@ def make_sampler(denoise, num_steps_grid: int, clip_x: bool = True):
 
 
 # ---- section 3: training target and loss --------------------------------------------------------
-def tract_indices(rng, phase_row, batch: int):
-  """Grid indices (i0, i1, i2) of TRACT-EDM examples, each (batch,) int32.
-
-  phase_row = (g, step, S): teacher step and student step in grid units, student steps
-  (phases.PhasePlan.phase_table). index = step * U{1..S}; j = U{0..step/g - 1}; i0 = index - j g,
-  i1 = i0 - g, i2 = index - step. With g = 1 (the release's one phase T,S) j is the release's
-  `semi`. i1 is returned unclamped: i1 == 0 marks the boundary case, and `tract_target` clamps it.
-  """
-  g, stride, num_segments = phase_row[0], phase_row[1], phase_row[2]
-  k_seg, k_j = jax.random.split(rng)
-  index = stride * jax.random.randint(k_seg, (batch,), 1, num_segments + 1)
-  j = jax.random.randint(k_j, (batch,), 0, stride // g)
-  i0 = index - j * g
-  return i0, i0 - g, index - stride
-
-
 def _denoised(net, params, x, sigma, labels):
   """(F, x0, x0 - x) of one network call; the offset x0 - x = c_out F - (1 - c_skip) x is formed
   without subtracting two nearly equal images."""
   _, c_skip, c_out, _ = precondition(sigma)
   f = net(params, x, sigma, labels)
-  x0 = _b(c_skip, x) * x + _b(c_out, x) * f
-  offset = _b(c_out, x) * f - _b(_one_minus_c_skip(sigma), x) * x
+  x0 = bcast(c_skip, x) * x + bcast(c_out, x) * f
+  offset = bcast(c_out, x) * f - bcast(_one_minus_c_skip(sigma), x) * x
   return f, x0, offset
 
 
@@ -206,11 +186,11 @@ def _heun_teacher(net, params, x_t, s0, s1, d01, labels):
   the step's end x_1, the step's effective denoised image x0_eff with
   x_1 = (s1 / s0) x_t + ((s0 - s1) / s0) x0_eff, and delta = x_1 - x_t."""
   f_a, x0a, off_a = _denoised(net, params, x_t, s0, labels)
-  x_mid = x_t + _b(d01 / s0, x_t) * off_a                   # x' = x_t + (s1 - s0) e
+  x_mid = x_t + bcast(d01 / s0, x_t) * off_a                   # x' = x_t + (s1 - s0) e
   _, x0b, off_b = _denoised(net, params, x_mid, s1, labels)
   # x_1 = x_t + (s1 - s0) (e + e') / 2 with e = -off_a / s0, e' = -off_b / s1.
-  delta = _b(0.5 * d01, x_t) * (off_a / _b(s0, x_t) + off_b / _b(s1, x_t))
-  x0_eff = (_b(s1 - d01, x_t) * x0a + _b(s0, x_t) * x0b) / _b(2.0 * s1, x_t)
+  delta = bcast(0.5 * d01, x_t) * (off_a / bcast(s0, x_t) + off_b / bcast(s1, x_t))
+  x0_eff = (bcast(s1 - d01, x_t) * x0a + bcast(s0, x_t) * x0b) / bcast(2.0 * s1, x_t)
   return f_a, x_t + delta, x0_eff, delta
 
 
@@ -220,8 +200,8 @@ def _euler_teacher(net, params, x_t, s0, s1, d01, labels, clip_x):
   f_a, x0a, off_a = _denoised(net, params, x_t, s0, labels)
   x0c, off_c = _clipped(x_t, x0a, off_a, clip_x)
   _, c_skip0, c_out0, _ = precondition(s0)
-  f_bound = jnp.where(x0c == x0a, f_a, (x0c - _b(c_skip0, x_t) * x_t) / _b(c_out0, x_t))
-  delta = _b(d01 / s0, x_t) * off_c
+  f_bound = jnp.where(x0c == x0a, f_a, (x0c - bcast(c_skip0, x_t) * x_t) / bcast(c_out0, x_t))
+  delta = bcast(d01 / s0, x_t) * off_c
   return f_bound, x_t + delta, x0c, delta
 
 
@@ -230,22 +210,23 @@ def tract_target(net, grid: Grid, teacher_params, sema_params, x, eps, labels, i
   """(x_t, F_target) for given grid indices (spec section 3); F_target (B, H, W, C) is in the
   network's output space, stop-gradient.
 
-  i1 = i0 - g unclamped (tract_indices). x_t = x + s0 eps. Teacher step s0 -> s1 (Heun with raw D
-  when teacher_heun, else the section-2 step), self-teacher section-2 step s1 -> s2 (x_2 = x_1 when
-  i1 == i2: the teacher step ended the segment), x_target = (x_2 s0 - x_t s2) / (s0 - s2). Boundary:
-  when i1 == 0 (index - semi - 1 == 0) x_target = the teacher's x0 at s0, and i1 is clamped to 1 so
-  that the unused branch stays finite. F_target = (x_target - c_skip(s0) x_t) / c_out(s0).
+  Indices come from losses.tract_times, TRACT's own draw: with g = 1 (the release's one phase
+  T,S) its j is the release's `semi`; i1 = i0 - g unclamped. x_t = x + s0 eps. Teacher step
+  s0 -> s1 (Heun with raw D when teacher_heun, else the section-2 step), self-teacher section-2
+  step s1 -> s2 (x_2 = x_1 when i1 == i2: the teacher step ended the segment),
+  x_target = (x_2 s0 - x_t s2) / (s0 - s2). Boundary: when i1 == 0 (index - semi - 1 == 0)
+  x_target = the teacher's x0 at s0, and i1 is clamped to 1 so that the unused branch stays finite. F_target = (x_target - c_skip(s0) x_t) / c_out(s0).
 
   teacher_heun: Python bool, or a traced bool scalar (lax.cond; one compiled step for every phase).
   teacher_net: the network the teacher and self-teacher run (None = net).
   """
   chex.assert_equal_shape([x, eps])
   teacher_net = teacher_net or net
-  boundary, end = _b(i1 == 0, x), _b(i1 == i2, x)
+  boundary, end = bcast(i1 == 0, x), bcast(i1 == i2, x)
   i1 = jnp.maximum(i1, 1)   # the release's clamp
   s0, s1, s2 = grid.sigma(i0), grid.sigma(i1), grid.sigma(i2)
   d01, d02, d12 = grid.diff(i0, i1), grid.diff(i0, i2), grid.diff(i1, i2)
-  x_t = x + _b(s0, x) * eps
+  x_t = x + bcast(s0, x) * eps
 
   heun = functools.partial(_heun_teacher, teacher_net, teacher_params, x_t, s0, s1, d01, labels)
   euler = functools.partial(_euler_teacher, teacher_net, teacher_params, x_t, s0, s1, d01, labels,
@@ -264,12 +245,12 @@ def tract_target(net, grid: Grid, teacher_params, sema_params, x, eps, labels, i
   # x_target = w_t x0_teacher + w_s x0_self (x_t cancels); the same, as an offset to x_t:
   # x_target - x_t = s0 / (s0 - s2) (delta + (s1 - s2) / s1 (x0_self - x_1)).
   w_t, w_s = s2 * d01 / (s1 * d02), s0 * d12 / (s1 * d02)
-  x_target = _b(w_t, x) * x0_teacher + jnp.where(end, 0.0, _b(w_s, x) * x0s)
-  numer_large = x_target - _b(c_skip0, x) * x_t
-  numer_small = (_b(_one_minus_c_skip(s0), x) * x_t + _b(s0 / d02, x) * (
-      delta + jnp.where(end, 0.0, _b(d12 / s1, x) * off_s)))
-  numer = jnp.where(_b(s0 >= SIGMA_DATA, x), numer_large, numer_small)
-  f_target = jnp.where(boundary, f_bound, numer / _b(c_out0, x))
+  x_target = bcast(w_t, x) * x0_teacher + jnp.where(end, 0.0, bcast(w_s, x) * x0s)
+  numer_large = x_target - bcast(c_skip0, x) * x_t
+  numer_small = (bcast(_one_minus_c_skip(s0), x) * x_t + bcast(s0 / d02, x) * (
+      delta + jnp.where(end, 0.0, bcast(d12 / s1, x) * off_s)))
+  numer = jnp.where(bcast(s0 >= SIGMA_DATA, x), numer_large, numer_small)
+  f_target = jnp.where(boundary, f_bound, numer / bcast(c_out0, x))
   return x_t, jax.lax.stop_gradient(f_target)
 
 
@@ -281,12 +262,12 @@ def tract_loss(params, net, grid: Grid, teacher_params, sema_params, x, labels, 
   is identically 1. F_pred = (D_student - c_skip x_t) / c_out is taken as the network output F
   itself (equal in exact arithmetic, without the float32 cancellation)."""
   k_idx, k_eps, k_drop = jax.random.split(rng, 3)
-  i0, i1, i2 = tract_indices(k_idx, phase_row, x.shape[0])
+  i0, i1, i2 = losses.tract_times(k_idx, phase_row, x.shape[0])
   eps = jax.random.normal(k_eps, x.shape, x.dtype)
   x_t, f_target = tract_target(net, grid, teacher_params, sema_params, x, eps, labels, i0, i1, i2,
                                teacher_heun=teacher_heun, clip_x=clip_x, teacher_net=teacher_net)
   f_pred = net(params, x_t, grid.sigma(i0), labels, k_drop if dropout else None)
-  loss = jnp.mean(methods.per_example(jnp.square(f_pred - f_target), reduction))
+  loss = jnp.mean(losses.per_example(jnp.square(f_pred - f_target), reduction))
   return loss, {'loss': loss}
 
 
@@ -301,10 +282,11 @@ def teacher_loss(params, net, x, labels, rng, *, reduction: str = 'mean', dropou
   k_sigma, k_noise, k_drop = jax.random.split(rng, 3)
   sigma = jnp.exp(p_mean + p_std * jax.random.normal(k_sigma, (x.shape[0],), jnp.float32))
   noise = jax.random.normal(k_noise, x.shape, x.dtype)
-  y = x + _b(sigma, x) * noise
+  y = x + bcast(sigma, x) * noise
   _, c_skip, c_out, _ = precondition(sigma)
   # x - c_skip y = (1 - c_skip) x - c_skip sigma n
-  f_target = (_b(_one_minus_c_skip(sigma), x) * x - _b(c_skip * sigma, x) * noise) / _b(c_out, x)
+  f_target = ((bcast(_one_minus_c_skip(sigma), x) * x - bcast(c_skip * sigma, x) * noise)
+              / bcast(c_out, x))
   f_pred = net(params, y, sigma, labels, k_drop if dropout else None)
-  loss = jnp.mean(methods.per_example(jnp.square(f_pred - f_target), reduction))
+  loss = jnp.mean(losses.per_example(jnp.square(f_pred - f_target), reduction))
   return loss, {'loss': loss}

@@ -7,15 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tract_jax import edm, parallel, paths, sampling, writers
+from tract_jax import methods, parallel, paths, seeds, writers
 from tract_jax.evaluation.digits_metric import teacher_agreement_rmse
-
-
-def save_grid(directory, name: str, images, labels=None) -> str:
-  path = writers.save_grid(paths.resolve(directory) / name, images, labels=labels)
-  print(f'  wrote {path}', flush=True)
-  return path
-
 
 # Generated features KID compares with the reference features (KID uses subsets of 1,000).
 KID_FEATURES = 10_000
@@ -25,17 +18,16 @@ class Evaluator:
   """Samples from fixed noise (and labels) shared by the teacher and every student, so grids and
   agreement line up; scores them with config.eval.metrics."""
 
-  def __init__(self, config, denoise, image_shape, workdir: str, mesh):
+  def __init__(self, config, model, image_shape, workdir: str, mesh):
+    """model: the network (factory.build_model(config.model)); the config's method record says how
+    it is sampled (DDIM, or EDM's section-2 sampler on the teacher_steps grid). The teacher's
+    T-step samples are the reference, the S-step samples the students' (and the undistilled
+    teacher's)."""
     self.workdir = paths.resolve(workdir)  # local or gs://
     self.mesh = mesh
-    if config.get('parametrisation', 'ddim') == 'edm':
-      # The section-2 sampler of docs/SPEC_EDM.md on the teacher_steps grid; its T-step samples are
-      # the teacher reference, its S-step samples the students' (and the undistilled baseline).
-      self.sample = edm.make_sampler(denoise, config.teacher_steps, clip_x=config.clip_x)
-    else:
-      self.sample = sampling.make_sampler(denoise, clip_x=config.clip_x)
+    self.sample = methods.for_config(config).parametrisation.make_sampler(model, config)
     n = config.eval.num_samples
-    key = jax.random.PRNGKey(config.seed + 1_000_003)
+    key = jax.random.PRNGKey(config.seed + seeds.EVAL_NOISE)
     # Generated identically on every host (same key), then each sampling batch is split over devices.
     self.noise = np.asarray(jax.random.normal(key, (n,) + tuple(image_shape), jnp.float32))
     if config.model.num_classes:  # uniformly random labels for evaluation samples
@@ -58,6 +50,10 @@ class Evaluator:
     self._digits = None
     self._inception = None
     self._reference_stats = None
+
+  def _save_grid(self, name: str, images) -> None:
+    """workdir/name: a PNG grid of samples of the fixed noise (labelled when class-conditional)."""
+    print(f'  wrote {writers.save_grid(self.workdir / name, images, labels=self.labels)}', flush=True)
 
   def _sample_batch(self, params, noise, labels, num_steps: int) -> np.ndarray:
     sharding = parallel.batch_sharding(self.mesh)
@@ -115,7 +111,7 @@ class Evaluator:
     stats = fid.ActivationStats()
     kept, kept_index = [], []  # this process's first generated features (and sample numbers) for KID
     keep = -(-KID_FEATURES // jax.process_count()) if 'kid' in self.metrics else 0
-    key = jax.random.PRNGKey(self.seed + 2_000_003)
+    key = jax.random.PRNGKey(self.seed + seeds.FID_NOISE)
     sharding = parallel.batch_sharding(self.mesh)
     for i in range(0, self.fid_samples, self.batch):
       k = jax.random.fold_in(key, i)
@@ -170,7 +166,7 @@ class Evaluator:
     self.reference = images
     if jax.process_index() == 0:
       paths.save_npz(path, images=images)  # atomic: a crash never leaves a half-written cache
-      save_grid(self.workdir, f'teacher_{teacher_steps}steps.png', images, self.labels)
+      self._save_grid(f'teacher_{teacher_steps}steps.png', images)
     return images
 
   def report(self, writer, step: int, params, num_steps: int, phase: int, phase_end: bool):
@@ -182,7 +178,7 @@ class Evaluator:
     extra = {'eval/phase': phase}
     if phase_end:
       extra.update({'eval/student_steps': num_steps, 'eval/phase_end': 1})
-      save_grid(self.workdir, f'phase{phase}_student_{num_steps}steps.png', images, self.labels)
+      self._save_grid(f'phase{phase}_student_{num_steps}steps.png', images)
     writer.scalars(step, {f'eval/{k}': v for k, v in scores.items()} | extra)
     writer.image(step, f'samples/phase{phase}_{num_steps}steps', images)
     what = f'phase {phase} student ({num_steps} steps)' if phase_end else f'eval at step {step}'
@@ -197,7 +193,7 @@ class Evaluator:
     undistilled = self.samples(teacher_params, student_steps)
     student = self.samples(student_params, student_steps)
     if jax.process_index() == 0:
-      save_grid(self.workdir, f'teacher_{student_steps}steps.png', undistilled, self.labels)
+      self._save_grid(f'teacher_{student_steps}steps.png', undistilled)
     result = {'student_steps': student_steps,
               'rmse_student_vs_teacher': teacher_agreement_rmse(student, reference),
               'rmse_undistilled_vs_teacher': teacher_agreement_rmse(undistilled, reference)}

@@ -11,9 +11,12 @@ phase_<k>_ema). The step count to sample with follows from the phase and the con
 The parameters are written as flax.serialization.msgpack_serialize of the nested dict (module names
 as in the published teachers: 'conv_in', 'down_0.block_1', ...), or, for a .npz output, as one array
 per leaf under '/'-joined keys ('down_0.block_1/conv1/kernel'). The sidecar (same name, .json) holds
-the model configuration, mean_type, the number of sampling steps, the log-SNR schedule (formula,
-constants and the values on the sampling grid) and the sampler, so that the file can be sampled
-without this project's training code. `load_exported(path)` reads both back.
+the model configuration, the image shape (as the run recorded it in its config.json, else that of
+config.data), the number of sampling steps and what the method's parametrisation says the sampler
+is (methods/parametrisations.py): for DDIM the mean_type, the log-SNR schedule (formula, constants,
+values on the sampling grid) and the DDIM step; for EDM the preconditioning, the sigma grid, the
+sigmas of the sampling path and the step rule. So the file can be sampled without this project's
+training code (tests/test_export_sampling.py does). `load_exported(path)` reads both back.
 """
 import json
 import os
@@ -41,7 +44,7 @@ def resolve_student(path: str, config, steps: int = 0) -> Tuple[str, int, str]:
   The step count comes from, in order: `steps` if > 0; phase k's student S_{k+1} of the config's
   schedule for a phase_<k>_ema directory; teacher_steps for a teacher's ema_params.
   """
-  from tract_jax import checkpoints, phases
+  from tract_jax import checkpoints, methods, phases
 
   paths.check('params', path)
   if not paths.resolve(path).is_dir():
@@ -52,11 +55,10 @@ def resolve_student(path: str, config, steps: int = 0) -> Tuple[str, int, str]:
   if kind == 'teacher':
     return path, int(config.teacher_steps), 'teacher'
   if kind == 'student':
-    if config.method not in ('tract', 'btd'):
+    if not methods.for_config(config).distils:
       raise ConfigError(f'params={path!r} is a distillation phase but method={config.method!r}: '
                         'give the distillation config, or --steps')
-    plan = phases.make_plan(config.method, config.teacher_steps, config.time_schedule,
-                            config.train_samples, config.batch_size, config.ema_residual)
+    plan = phases.plan_of(config)
     if phase >= plan.num_phases:
       raise ConfigError(f'params={path!r}: phase {phase}, but time_schedule '
                         f'{",".join(map(str, plan.schedule))} has {plan.num_phases} phase(s): is '
@@ -67,55 +69,34 @@ def resolve_student(path: str, config, steps: int = 0) -> Tuple[str, int, str]:
                     'phase_<k>_ema or ema_params directory): pass --steps')
 
 
-def logsnr_grid(num_steps: int) -> Dict[str, Any]:
-  """The cosine log-SNR schedule (spec section 1) and its values at t = i / num_steps, i = 0..N."""
-  from tract_jax import diffusion
-  a, b, _ = diffusion.cosine_constants()
-  t = np.arange(num_steps + 1, dtype=np.float64) / num_steps
-  logsnr = -2.0 * np.log(np.tan(a * t + b))
-  return {
-      'type': 'cosine',
-      'logsnr_min': diffusion.LOGSNR_MIN,
-      'logsnr_max': diffusion.LOGSNR_MAX,
-      'formula': 'logsnr(t) = -2 log(tan(a t + b)), b = arctan(exp(-logsnr_max / 2)), '
-                 'a = arctan(exp(-logsnr_min / 2)) - b; alpha^2 = sigmoid(logsnr), '
-                 'sigma^2 = sigmoid(-logsnr)',
-      'a': a,
-      'b': b,
-      'grid_t': t.tolist(),
-      'grid_logsnr': logsnr.tolist(),
-  }
+def image_shape_of(params_path: str, config) -> Tuple[int, int, int]:
+  """(H, W, C) the exported network samples: what the run's config.json recorded next to the
+  parameters (so the data need not be here), else that of config.data (data.image_shape)."""
+  from tract_jax import data, workdir
+
+  return workdir.recorded_image_shape(params_path) or data.image_shape(config.data)
 
 
-def _metadata(config, num_steps: int, num_params: int, description: str, params_file: str,
-              params_format: str) -> Dict[str, Any]:
-  from tract_jax import import_teacher
-  model = json.loads(config.model.to_json_best_effort())
+def _metadata(config, image_shape, num_steps: int, num_params: int, description: str,
+              params_file: str, params_format: str) -> Dict[str, Any]:
+  from tract_jax import methods
+  from tract_jax.models import factory
+
+  parametrisation = methods.for_config(config).parametrisation
   return {
       'format': FORMAT,
       'params_file': params_file,
       'params_format': params_format,
-      'model': model,
-      'architecture': 'UNet of the published JAX/Flax diffusion-distillation teachers '
-                      '(tract_jax.models.unet.UNet); NHWC; parameter names as in those teachers',
-      'network_inputs': 'x (B, H, W, C) in NHWC, logsnr (B,) float32, labels (B,) int when '
-                        'num_classes > 0 (one-hot inside); the network embeds '
-                        '1000 * arctan(exp(-logsnr / 2)) / (pi / 2)',
-      'image_shape': list(import_teacher.image_shape(config)),
+      'model': json.loads(config.model.to_json_best_effort()),
+      'architecture': factory.ARCHS[config.model.arch] + '; NHWC',
+      'parametrisation': parametrisation.name,
+      'image_shape': list(image_shape),
       'image_range': [-1.0, 1.0],
       'num_classes': int(config.model.num_classes),
-      'mean_type': config.model.mean_type,
-      'mean_type_note': "'x': output is x_hat; 'both': channels [:C] x head, [C:] eps head, "
-                        'x_hat = sigma^2 * x_head + alpha^2 * (z - sigma * eps_head) / alpha; '
-                        "'eps': x_hat = (z - sigma * eps) / alpha; 'v': x_hat = alpha * z - sigma * v",
       'sample_steps': int(num_steps),
       'teacher_steps': int(config.teacher_steps),
       'clip_x': bool(config.clip_x),
-      'sampler': 'DDIM from z ~ N(0, I) at t = 1: for i = N..1, t = i / N, s = (i - 1) / N: '
-                 'x_hat = network prediction (clipped to [-1, 1] if clip_x), '
-                 'eps_hat = (z - alpha_t x_hat) / sigma_t, z = alpha_s x_hat + sigma_s eps_hat; '
-                 'the sample is z at t = 0 (= x_hat of the last step)',
-      'logsnr_schedule': logsnr_grid(num_steps),
+      **parametrisation.sampler_sidecar(config, int(num_steps)),
       'num_params': int(num_params),
       'method': config.method,
       'time_schedule': config.time_schedule,
@@ -138,18 +119,16 @@ def export_params(params_dir: str, config, output: str, steps: int = 0) -> Dict[
   """
   import jax
   from flax import serialization
-  from tract_jax import checkpoints, import_teacher
+  from tract_jax import checkpoints, import_common
   from tract_jax.models.unet import count_params
 
   ext = os.path.splitext(output)[1].lower()
   if ext not in EXTENSIONS:
     raise ConfigError(f'output={output!r}: the file name must end in .msgpack or .npz')
-  if config.get('parametrisation', 'ddim') == 'edm':  # the sidecar would describe the DDIM sampler
-    raise ConfigError("parametrisation='edm': export's sidecar describes the DDIM sampler only, not "
-                      "EDM's grid and preconditioning; use --config.mode=sample to write samples")
   paths.check('output', output)
   path, num_steps, description = resolve_student(params_dir, config, steps)
-  like = import_teacher.abstract_params(config)
+  image_shape = image_shape_of(path, config)
+  like = import_common.abstract_params(config, image_shape)
   params = checkpoints.load_params(path, like, field='params')
   params = _to_plain_dict(jax.tree.map(np.asarray, jax.device_get(params)))
   _check_shapes(params, like, path)
@@ -158,7 +137,7 @@ def export_params(params_dir: str, config, output: str, steps: int = 0) -> Dict[
     paths.write_bytes(output, serialization.msgpack_serialize(params))
   else:
     paths.save_npz(output, **_flatten(params))
-  meta = _metadata(config, num_steps, count_params(params), f'{description}: {path}',
+  meta = _metadata(config, image_shape, num_steps, count_params(params), f'{description}: {path}',
                    paths.resolve(output).name, ext[1:])
   paths.write_text(sidecar_path(output), json.dumps(meta, indent=2))
   return meta
@@ -230,7 +209,7 @@ def main(argv):
     print(f'Export error: {e}', file=sys.stderr)
     sys.exit(2)
   print(f'Exported {meta["source"]} -> {FLAGS.output} ({meta["num_params"]:,} parameters, '
-        f'{meta["sample_steps"]}-step DDIM, mean_type {meta["mean_type"]!r}); metadata: '
+        f'{meta["sample_steps"]}-step {meta["parametrisation"].upper()}); metadata: '
         f'{sidecar_path(FLAGS.output)}')
 
 

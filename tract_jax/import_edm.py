@@ -35,7 +35,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from tract_jax import import_teacher
+from tract_jax import import_common, paths
 from tract_jax.errors import ConfigError
 
 # torch.save's legacy format: these three pickles precede the object (torch/serialization.py).
@@ -408,7 +408,7 @@ def _to_flax(array: np.ndarray) -> np.ndarray:
 
 
 def convert_tensors(tensors: Dict[str, np.ndarray], target_abstract,
-                    resample_filter=(1, 1)) -> Tuple[Dict[str, Any], import_teacher.ImportReport]:
+                    resample_filter=(1, 1)) -> Tuple[Dict[str, Any], import_common.ImportReport]:
   """EDM-named tensors -> the Flax tree of `target_abstract` (arrays or ShapeDtypeStructs).
 
   Exact shapes (in EDM's layout) are required; float16/float64 are cast. Resampling-filter buffers
@@ -422,7 +422,7 @@ def convert_tensors(tensors: Dict[str, np.ndarray], target_abstract,
 
   source = dict(tensors)
   target = traverse_util.flatten_dict(target_abstract)
-  report = import_teacher.ImportReport()
+  report = import_common.ImportReport()
   flat, missing, wrong = {}, [], []
   for path, spec in target.items():
     name = edm_state_dict_name(path)
@@ -456,7 +456,7 @@ def convert_tensors(tensors: Dict[str, np.ndarray], target_abstract,
                              'sampling (model.edm.augment_dim=0)'))
   unexpected = [f'{name} {array.shape}' for name, array in source.items()]
   if missing or unexpected or wrong:
-    raise import_teacher.mismatch_error(
+    raise import_common.mismatch_error(
         missing, unexpected, wrong,
         'check model.arch and model.edm (model_channels, channel_mult, num_blocks, '
         'attn_resolutions, ...), model.num_classes and model.out_ch')
@@ -466,21 +466,24 @@ def convert_tensors(tensors: Dict[str, np.ndarray], target_abstract,
 
 
 _ARCH_CLASSES = {'edm_song': 'SongUNet', 'edm_dhariwal': 'DhariwalUNet'}
+ARCHS = tuple(_ARCH_CLASSES)  # the model.arch values whose teachers come as EDM pickles
 
 
-def import_edm(source: str, config, output: str) -> import_teacher.ImportReport:
+def import_edm(source: str, config, output: str) -> import_common.ImportReport:
   """Reads the EDM pickle `source`, maps its ema network onto config.model and writes
   output/ema_params."""
+  from tract_jax import data
   from tract_jax.models import factory
 
   if not output:
     raise ConfigError('output: give the directory to write the teacher checkpoint to')
-  arch = config.model.get('arch', 'ddpm')
+  arch = config.model.arch
   if arch not in _ARCH_CLASSES:
     raise ConfigError(f"model.arch={arch!r}: EDM pickles import into 'edm_song' or 'edm_dhariwal'")
-  target = import_teacher.abstract_params(config)  # before reading: a bad config fails early
+  image_shape = data.image_shape(config.data)
+  target = import_common.abstract_params(config, image_shape)  # a bad config fails before reading
   model = factory.build_model(config.model)
-  tree = load_pickle(import_teacher.read_source(source), f'source={source!r}')
+  tree = load_pickle(paths.read_bytes(source, 'source'), f'source={source!r}')
   tensors, info = select_network(tree, f'source={source!r}')
   if info['network_class'] in _ARCH_CLASSES.values() and (
       info['network_class'] != _ARCH_CLASSES[arch]):
@@ -490,5 +493,5 @@ def import_edm(source: str, config, output: str) -> import_teacher.ImportReport:
   params, report = convert_tensors(tensors, target,
                                    getattr(model, 'resample_filter', (1, 1)))
   report.subtree = f"'ema' ({info['ema_class']} / {info['network_class']})"
-  import_teacher.write_import(output, params, source, config, report, edm=info)
+  import_common.write_import(output, params, source, config, image_shape, report, edm=info)
   return report

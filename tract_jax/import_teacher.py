@@ -25,73 +25,23 @@ instead, read without executing it (tract_jax/import_edm.py).
 gs:// sources are read with etils.epath, which needs the gcsfs package and access to the bucket;
 without them, copy the file first (gsutil cp gs://... .) and pass the local path.
 """
-import dataclasses
-import json
 import math
 import os
 import sys
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
+from tract_jax import data, import_edm, paths
 from tract_jax.errors import ConfigError
+from tract_jax.import_common import (MAX_LISTED, ImportReport, abstract_params, mismatch_error,
+                                     write_import)
 
-# Image shape (H, W, C) of each dataset name the configs use.
-IMAGE_SHAPES = {
-    'cifar10': (32, 32, 3),
-    'imagenet64': (64, 64, 3),
-    'digits': (8, 8, 1),
-}
-
-# Leaves listed per category in an error message before '... and N more'.
-_MAX_LISTED = 12
-
-
-def image_shape(config) -> Tuple[int, int, int]:
-  """(H, W, C) of the images of config.data.name."""
-  name = config.data.name
-  if name not in IMAGE_SHAPES:
-    raise ConfigError(f'data.name={name!r}: allowed values are '
-                      f'{", ".join(map(repr, IMAGE_SHAPES))}')
-  return IMAGE_SHAPES[name]
-
-
-def abstract_params(config, shape=None):
-  """The configured network's parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing
-  allocated)."""
-  from tract_jax import config_checks
-  from tract_jax.models import factory
-
-  shape = tuple(shape or image_shape(config))
-  if config.model.get('arch', 'ddpm') == 'ddpm' and (
-      (config.model.num_heads is None) == (config.model.head_dim is None)):
-    raise ConfigError('model.num_heads / model.head_dim: set exactly one of them (the other None)')
-  config_checks.check_image_shape(config, shape)
-  return factory.abstract_params(factory.build_model(config.model), shape)
-
+__all__ = ['import_teacher', 'parse_source', 'select_params', 'convert_params', 'abstract_params']
 
 # ----------------------------------------------------------------------------------------------------
 # Reading the source
 # ----------------------------------------------------------------------------------------------------
-
-def read_source(source: str) -> bytes:
-  """The bytes of a local file, or of a gs:// (any URL-like) path through etils.epath."""
-  if '://' in source:
-    try:
-      from etils import epath
-      return epath.Path(source).read_bytes()
-    except Exception as e:  # noqa: BLE001 - missing gcsfs, no network, no permission, no such object
-      detail = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
-      raise ConfigError(
-          f'source={source!r}: cannot read it ({detail}). Reading gs:// paths needs the gcsfs '
-          'package (pip install gcsfs), network access and read permission on the bucket; or copy '
-          f'the file first (gsutil cp {source} .) and pass the local path') from None
-  path = os.path.expanduser(source)
-  if not os.path.isfile(path):
-    raise ConfigError(f'source={source!r}: no such file')
-  with open(path, 'rb') as f:
-    return f.read()
-
 
 def parse_source(data: bytes, source: str = 'source') -> Dict[str, Any]:
   """flax.serialization.msgpack_restore of the bytes, with a readable error for other files."""
@@ -136,7 +86,7 @@ def select_params(tree: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
     tree, desc = tree['optimizer']['target'], "'optimizer/target' (no 'ema_params': raw weights)"
   else:
     raise ConfigError("the file holds neither 'ema_params', 'params' nor UNet module names "
-                      f'(top-level keys: {", ".join(sorted(map(str, tree))[:_MAX_LISTED])})')
+                      f'(top-level keys: {", ".join(sorted(map(str, tree))[:MAX_LISTED])})')
   where.append(desc)
   # Older files nest the parameters as a variables dict: {'params': {...}}.
   while isinstance(tree, dict) and set(tree) == {'params'}:
@@ -151,34 +101,6 @@ def select_params(tree: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
 # ----------------------------------------------------------------------------------------------------
 # Mapping onto the configured model
 # ----------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class ImportReport:
-  """What convert_params did: sizes, reshaped and cast leaves (names as 'module/param/leaf')."""
-  num_leaves: int = 0
-  num_params: int = 0
-  reshaped: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = dataclasses.field(
-      default_factory=list)
-  cast: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
-  ignored: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, why)
-  subtree: str = ''
-
-  def lines(self) -> List[str]:
-    out = [f'{self.num_leaves} arrays, {self.num_params:,} parameters'
-           + (f' from {self.subtree}' if self.subtree else '')]
-    for name, old, new in self.reshaped:
-      out.append(f'  reshaped {name}: {old} -> {new}')
-    for name, old, new in self.cast:
-      out.append(f'  cast {name}: {old} -> {new}')
-    for name, why in self.ignored:
-      out.append(f'  ignored {name}: {why}')
-    return out
-
-  def to_json(self) -> Dict[str, Any]:
-    return {'num_leaves': self.num_leaves, 'num_params': self.num_params, 'subtree': self.subtree,
-            'reshaped': [[n, list(a), list(b)] for n, a, b in self.reshaped],
-            'cast': [list(c) for c in self.cast], 'ignored': [list(i) for i in self.ignored]}
-
 
 def _flatten(tree, prefix=()) -> Dict[Tuple[str, ...], Any]:
   """Nested dicts -> {path tuple: leaf}. Keys are taken as strings."""
@@ -195,25 +117,6 @@ def _flatten(tree, prefix=()) -> Dict[Tuple[str, ...], Any]:
 def _normalise(path: Tuple[str, ...]) -> str:
   """One spelling for the flat names ('down_0.block_1') and nested ones ('down_0' / 'block_1')."""
   return '/'.join(path).replace('.', '/')
-
-
-def _listing(kind: str, entries: List[str]) -> str:
-  shown = entries[:_MAX_LISTED]
-  more = f' ... and {len(entries) - len(shown)} more' if len(entries) > len(shown) else ''
-  return f'{len(entries)} {kind}: {", ".join(shown)}{more}'
-
-
-def mismatch_error(missing: List[str], unexpected: List[str], wrong: List[str],
-                   fields: str) -> ConfigError:
-  """One ConfigError line listing the missing, unexpected and wrongly-shaped entries; `fields` names
-  the config fields to check when the trees differ by more than a couple of entries."""
-  parts = [_listing(kind, entries) for kind, entries in
-           (('missing', missing), ('unexpected', unexpected), ('wrongly shaped', wrong)) if entries]
-  hint = ''
-  if len(missing) + len(unexpected) > 2:
-    hint = f" (is --config the checkpoint's architecture? {fields})"
-  return ConfigError('the source parameters do not match the configured model' + hint + ': '
-                     + '; '.join(parts))
 
 
 def convert_params(source_tree: Dict[str, Any], target_abstract) -> Tuple[Dict[str, Any], ImportReport]:
@@ -272,36 +175,20 @@ def convert_params(source_tree: Dict[str, Any], target_abstract) -> Tuple[Dict[s
 # The whole import
 # ----------------------------------------------------------------------------------------------------
 
-def write_import(output: str, params, source: str, config, report: ImportReport, **extra) -> None:
-  """Writes output/ema_params (an Orbax params checkpoint) and output/import_info.json (source,
-  model configuration, the report, and `extra` fields)."""
-  from tract_jax import checkpoints, paths
-
-  output = paths.resolve(output)  # local or gs://
-  output.mkdir(parents=True, exist_ok=True)
-  checkpoints.save_params(output / 'ema_params', params)
-  info = {'source': source, 'data': config.data.name, 'image_shape': list(image_shape(config)),
-          'model': json.loads(config.model.to_json_best_effort()), 'report': report.to_json(),
-          **extra}
-  paths.write_text(output / 'import_info.json', json.dumps(info, indent=2))
-
-
 def import_teacher(source: str, config, output: str) -> ImportReport:
   """Reads `source`, converts its parameters to `config.model` and writes output/ema_params."""
-  from tract_jax import paths
-
   if not output:
     raise ConfigError('output: give the directory to write the teacher checkpoint to')
   paths.check('output', output)
-  if config.model.get('arch', 'ddpm') != 'ddpm':  # EDM's networks take EDM pickles
-    from tract_jax import import_edm
+  if config.model.arch in import_edm.ARCHS:  # EDM's networks come as EDM pickles
     return import_edm.import_edm(source, config, output)
-  target = abstract_params(config)  # before reading: a bad config fails without a download
-  tree = parse_source(read_source(source), f'source={source!r}')
+  image_shape = data.image_shape(config.data)
+  target = abstract_params(config, image_shape)  # before reading: a bad config fails early
+  tree = parse_source(paths.read_bytes(source, 'source'), f'source={source!r}')
   params, where = select_params(tree)
   params, report = convert_params(params, target)
   report.subtree = where
-  write_import(output, params, source, config, report)
+  write_import(output, params, source, config, image_shape, report)
   return report
 
 

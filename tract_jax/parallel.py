@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tract_jax.default_config import FSDP_MIN_SIZE
 from tract_jax.errors import ConfigError
 
 BATCH_AXES = ('data', 'fsdp')
@@ -24,10 +25,10 @@ def maybe_initialize_distributed(config) -> None:
   by launch/*.sh) or when running on a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several
   hosts); 'always' and 'never' force it.
   """
-  mode = config.get('distributed', 'auto')
+  mode = config.distributed
   if mode not in ('auto', 'always', 'never'):
     raise ConfigError(f"distributed={mode!r}: allowed values are 'auto', 'always', 'never'")
-  heartbeat = config.get('heartbeat_timeout_seconds', 100)
+  heartbeat = config.heartbeat_timeout_seconds
   if not isinstance(heartbeat, int) or heartbeat < 1:
     raise ConfigError(f'heartbeat_timeout_seconds={heartbeat!r}: must be a positive integer')
   if mode == 'never':
@@ -116,11 +117,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
 
 
 def mesh_from_config(config) -> Mesh:
-  mesh_config = config.get('mesh')
-  if mesh_config is None:
-    mesh = make_mesh()
-  else:
-    mesh = make_mesh(int(mesh_config.data), int(mesh_config.fsdp))
+  mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
   connect(mesh)
   return mesh
 
@@ -171,7 +168,7 @@ def leaf_spec(shape, fsdp: int, min_size: int) -> P:
   return P()
 
 
-def tree_shardings(tree, mesh: Mesh, fsdp_min_size: int = 2**18):
+def tree_shardings(tree, mesh: Mesh, fsdp_min_size: int = FSDP_MIN_SIZE):
   """NamedShardings for every leaf of a pytree of arrays or ShapeDtypeStructs."""
   fsdp = mesh.shape['fsdp']
   return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), fsdp, fsdp_min_size)),

@@ -92,6 +92,27 @@ def resolve(path: PathLike) -> epath.Path:
   return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
+def read_bytes(path: PathLike, field: str = 'path') -> bytes:
+  """The bytes of a local or remote file. A file that cannot be read is a one-line ConfigError
+  naming `field`: no such local file, or, for a URL, what went wrong and what reading one needs."""
+  text = os.fspath(path)
+  if not is_remote(text):
+    local = resolve(text)
+    if not local.is_file():
+      raise ConfigError(f'{field}={text!r}: no such file')
+    return local.read_bytes()
+  try:
+    return resolve(text).read_bytes()
+  except Exception as e:  # noqa: BLE001 - missing gcsfs, no network, no permission, no such object
+    detail = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
+    packages, hint = BACKENDS.get(scheme(text), ((), ''))
+    needs = f'the {packages[0]} package ({hint}), ' if packages else ''
+    raise ConfigError(
+        f'{field}={text!r}: cannot read it ({detail}). Reading {scheme(text)}:// paths needs '
+        f'{needs}network access and read permission on the bucket; or copy the file first '
+        f'(gsutil cp {text} .) and pass the local path') from None
+
+
 def write_bytes(path: PathLike, data: bytes) -> epath.Path:
   """Writes a file whole, never leaving a partial one under the final name (see the module note);
   creates the parent folder."""

@@ -1,8 +1,8 @@
-"""Time schedules and the phase plan of a distillation run (spec sections 3-5).
+"""The phase plan of a distillation run (spec sections 3-5).
 
 A schedule S = (S_0 > S_1 > ... > S_K) with S_0 = T: phase k distils an S_k-step teacher into an
-S_{k+1}-step student. TRACT takes any such schedule whose entries divide T; BTD halves every phase.
-The total training length (samples) is split equally between the phases.
+S_{k+1}-step student. Each method's record (methods/) owns its schedule rule (TRACT: entries that
+divide T; BTD: halving). The total training length (samples) is split equally between the phases.
 """
 import dataclasses
 import math
@@ -10,68 +10,14 @@ from typing import Tuple
 
 import numpy as np
 
+from tract_jax import methods
 from tract_jax.errors import ConfigError
-
-
-def parse_schedule(text, field: str = 'time_schedule') -> Tuple[int, ...]:
-  """'1024,32,1' -> (1024, 32, 1). Accepts a string or a sequence of ints."""
-  if isinstance(text, str):
-    parts = [p.strip() for p in text.split(',') if p.strip()]
-    try:
-      values = tuple(int(p) for p in parts)
-    except ValueError:
-      raise ConfigError(f'{field}={text!r}: expected comma-separated integers such as "1024,32,1"') from None
-  else:
-    values = tuple(int(v) for v in text)
-  return values
-
-
-def validate_tract_schedule(schedule: Tuple[int, ...], teacher_steps: int,
-                            field: str = 'time_schedule') -> Tuple[int, ...]:
-  text = ','.join(str(s) for s in schedule)
-  if len(schedule) < 2:
-    raise ConfigError(f'{field}={text!r}: needs at least two entries (teacher steps, student steps), '
-                      f'e.g. "{teacher_steps},1"')
-  if schedule[0] != teacher_steps:
-    raise ConfigError(f'{field}={text!r}: the first entry must equal teacher_steps={teacher_steps}')
-  if any(s < 1 for s in schedule):
-    raise ConfigError(f'{field}={text!r}: every entry must be a positive integer')
-  if any(a <= b for a, b in zip(schedule, schedule[1:])):
-    raise ConfigError(f'{field}={text!r}: entries must be strictly decreasing')
-  bad = [s for s in schedule if teacher_steps % s]
-  if bad:
-    raise ConfigError(f'{field}={text!r}: every entry must divide teacher_steps={teacher_steps}; '
-                      f'{bad} do not')
-  return schedule
-
-
-def btd_schedule(teacher_steps: int, final_steps: int = 1) -> Tuple[int, ...]:
-  """T, T/2, ..., final_steps (progressive distillation halves the step count every phase)."""
-  if teacher_steps < 2 or teacher_steps & (teacher_steps - 1):
-    raise ConfigError(f'teacher_steps={teacher_steps}: BTD halves the step count each phase, so it '
-                      'must be a power of two >= 2')
-  out = [teacher_steps]
-  while out[-1] > final_steps:
-    out.append(out[-1] // 2)
-  if out[-1] != final_steps:
-    raise ConfigError(f'time_schedule: BTD cannot reach {final_steps} steps by halving {teacher_steps}')
-  return tuple(out)
-
-
-def validate_btd_schedule(schedule: Tuple[int, ...], teacher_steps: int) -> Tuple[int, ...]:
-  text = ','.join(str(s) for s in schedule)
-  if len(schedule) < 2 or schedule[0] != teacher_steps or any(
-      a != 2 * b for a, b in zip(schedule, schedule[1:])):
-    raise ConfigError(f'time_schedule={text!r}: BTD schedules halve each phase from teacher_steps='
-                      f'{teacher_steps} (e.g. "{teacher_steps},{teacher_steps // 2},..."); '
-                      'leave it empty to go down to 1 step')
-  return schedule
 
 
 @dataclasses.dataclass(frozen=True)
 class PhasePlan:
   """Everything the loop needs to know about the phases of one run."""
-  method: str                      # 'tract', 'tract_edm' or 'btd'
+  method: str                      # the distillation method's name (methods.REGISTRY)
   teacher_steps: int               # T
   schedule: Tuple[int, ...]        # S_0 = T > ... > S_K
   steps_per_phase: int
@@ -105,21 +51,15 @@ class PhasePlan:
 
 def make_plan(method: str, teacher_steps: int, time_schedule, train_samples: int, batch_size: int,
               ema_residual: float) -> PhasePlan:
-  if method not in ('tract', 'tract_edm', 'btd'):
-    raise ConfigError(f"method={method!r}: a phase plan exists for 'tract', 'tract_edm' and 'btd' "
-                      'only')
+  """The plan of distillation method `method` (a name in methods.REGISTRY); time_schedule is text
+  ('1024,32,1') or a sequence, checked by the method's schedule rule."""
+  record = methods.get(method)
+  if not record.distils:
+    raise ConfigError(f'method={method!r}: a phase plan exists for '
+                      f'{", ".join(map(repr, methods.distilling_names()))} only')
   if teacher_steps < 1:
     raise ConfigError(f'teacher_steps={teacher_steps}: must be a positive integer')
-  if method == 'tract_edm' and teacher_steps < 2:
-    raise ConfigError(f'teacher_steps={teacher_steps}: the EDM noise grid needs at least 2 steps '
-                      '(the release uses 40)')
-  schedule = parse_schedule(time_schedule)
-  if method in ('tract', 'tract_edm'):
-    schedule = validate_tract_schedule(schedule, teacher_steps)
-  elif schedule:
-    schedule = validate_btd_schedule(schedule, teacher_steps)
-  else:
-    schedule = btd_schedule(teacher_steps)
+  schedule = record.schedule(time_schedule, teacher_steps)
   if batch_size < 1:
     raise ConfigError(f'batch_size={batch_size}: must be a positive integer')
   num_phases = len(schedule) - 1
@@ -130,4 +70,11 @@ def make_plan(method: str, teacher_steps: int, time_schedule, train_samples: int
   if not 0.0 < ema_residual < 1.0:
     raise ConfigError(f'ema_residual={ema_residual}: must be in (0, 1)')
   momentum = math.exp(math.log(ema_residual) / steps_per_phase)
-  return PhasePlan(method, teacher_steps, schedule, steps_per_phase, momentum)
+  return PhasePlan(record.name, teacher_steps, schedule, steps_per_phase, momentum)
+
+
+def plan_of(config, method: str = None, time_schedule=None) -> PhasePlan:
+  """The plan of a config: its method (or `method`) and time_schedule (or `time_schedule`)."""
+  return make_plan(method or config.method, config.teacher_steps,
+                   config.time_schedule if time_schedule is None else time_schedule,
+                   config.train_samples, config.batch_size, config.ema_residual)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from tract_jax import parallel
+from tract_jax.default_config import FSDP_MIN_SIZE
 
 
 @flax.struct.dataclass
@@ -32,24 +33,18 @@ class TrainState:
   first_nonfinite: jax.Array  # int32: step number of the first such update, -1 if none
 
 
-def make_optimizer(learning_rate, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8):
-  """Adam with an optional linear warm-up and global-norm clipping (spec sections 3 and 6)."""
+def make_optimizer(learning_rate, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, *,
+                   warmup_samples=0, batch_size=1):
+  """Adam with global-norm clipping (none if grad_clip <= 0) and an optional linear warm-up,
+  counted either in updates (warmup_steps; spec sections 3 and 6) or, as EDM and the TRACT-EDM
+  release count it (docs/SPEC_EDM.md section 4), in training samples: lr * min(step * batch_size /
+  warmup_samples, 1) at update `step` (0-based)."""
+  if warmup_steps > 0 and warmup_samples > 0:
+    raise ValueError('give warmup_steps or warmup_samples, not both')
   if warmup_steps > 0:
     lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps),
                                optax.constant_schedule(learning_rate)], [warmup_steps])
-  else:
-    lr = learning_rate
-  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip and grad_clip > 0 else []
-  return optax.chain(*parts, optax.adam(lr, b1=b1, b2=b2, eps=eps))
-
-
-def make_edm_optimizer(learning_rate, warmup_samples=0, batch_size=1, grad_clip=0.0, b1=0.9,
-                       b2=0.999, eps=1e-8):
-  """Adam of the TRACT-EDM release (docs/SPEC_EDM.md section 4): the learning rate ramps linearly over
-  the first `warmup_samples` training samples, lr * min(step * batch_size / warmup_samples, 1) at
-  update `step` (0-based), as EDM counts it; global-norm clipping only if grad_clip > 0 (the release
-  has none). Non-finite gradient entries are replaced before this, in the step (`finite_grads`)."""
-  if warmup_samples > 0:
+  elif warmup_samples > 0:
     def lr(count):
       return learning_rate * jnp.minimum(count.astype(jnp.float32) * batch_size / warmup_samples,
                                          1.0)
@@ -97,14 +92,21 @@ def _new_state(params, tx, rng_seed, *, sema=False, teacher=None) -> TrainState:
                     first_nonfinite=jnp.full((), -1, jnp.int32))
 
 
-def create_state(params, tx, rng_seed, mesh, fsdp_min_size=2**18, *, sema=False, teacher=None):
+def create_state(params, tx, rng_seed, mesh, fsdp_min_size=FSDP_MIN_SIZE, *, sema=False,
+                 teacher=None, abstract=False):
   """The initial train state, created already sharded on the mesh. Returns (state, shardings).
 
   The student, both EMAs (and the teacher, if given) start from `params`; the first EMA update
-  copies the student anyway (bias correction).
+  copies the student anyway (bias correction). abstract=True: nothing is allocated or run, the
+  state is ShapeDtypeStructs carrying their shardings (`params` may be ShapeDtypeStructs too), what
+  a step can be lowered and compiled for.
   """
   init = lambda p, t: _new_state(p, tx, rng_seed, sema=sema, teacher=t)
-  shardings = parallel.tree_shardings(jax.eval_shape(init, params, teacher), mesh, fsdp_min_size)
+  shapes = jax.eval_shape(init, params, teacher)
+  shardings = parallel.tree_shardings(shapes, mesh, fsdp_min_size)
+  if abstract:
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        shardings), shardings
   return jax.jit(init, out_shardings=shardings)(params, teacher), shardings
 
 

@@ -1,87 +1,25 @@
-"""The jitted update steps: one update core, and the loss of each job plugged into it.
+"""The jitted update step: one update core, and the one builder that plugs a method into it.
 
-`make_train_step(loss_fn, ...)` builds `step(state, batch) -> (state, metrics)`: the per-step RNG
-(folded from the state's key and step, so a resumed run draws the same numbers), value_and_grad of
-`loss_fn(params, state, batch, rng) -> (loss, metrics)`, the optimiser step, the EMA updates, and
-the non-finite guard. It is jitted once with the state donated; the distillation phase is a traced
-value (a row of the phase table), so one compiled step serves every phase.
+`build_train_step(config, method, mesh, params)` is how training and every benchmark get a step: it
+builds the networks, asks the method record (methods/) for its optimiser and loss, creates the
+sharded train state and jits the update. `make_train_step(loss_fn, tx, ...)` is the core:
+`step(state, batch) -> (state, metrics)` with the per-step RNG (folded from the state's key and
+step, so a resumed run draws the same numbers), value_and_grad of `loss_fn(params, state, batch,
+rng) -> (loss, metrics)`, the optimiser step, the EMA updates and the non-finite guard, jitted once
+with the state donated. The distillation phase is a traced value (a row of the phase table read
+from state.phase), so one compiled step serves every phase.
 """
 import functools
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from tract_jax import edm, methods, parallel, phases
-from tract_jax.state import TrainState, ema_update, finite_grads, log_momentum
-
-
-def _labels(batch, conditional: bool):
-  return batch['label'] if conditional else None
-
-
-def teacher_loss_fn(denoise, *, reduction, time_sampling, teacher_steps, conditional, dropout):
-  """Teacher training (spec section 6): the denoising loss on the real batch."""
-
-  def loss_fn(params, state, batch, rng):
-    del state
-    return methods.teacher_loss(params, denoise, batch['image'], _labels(batch, conditional), rng,
-                                reduction=reduction, time_sampling=time_sampling,
-                                teacher_steps=teacher_steps, dropout=dropout)
-
-  return loss_fn
-
-
-def distill_loss_fn(denoise, plan: phases.PhasePlan, *, reduction, clip_x, conditional,
-                    teacher_denoise=None):
-  """TRACT (spec section 5) or BTD (section 4) against the state's frozen teacher of its phase.
-
-  teacher_denoise runs the teacher and self-teacher forwards (None = `denoise`)."""
-  table = jnp.asarray(plan.phase_table())
-
-  def loss_fn(params, state: TrainState, batch, rng):
-    row = table[state.phase]
-    common = dict(denoise=denoise, teacher_params=state.teacher_params, x=batch['image'],
-                  labels=_labels(batch, conditional), rng=rng, phase_row=row,
-                  teacher_steps=plan.teacher_steps, reduction=reduction,
-                  teacher_denoise=teacher_denoise)
-    if plan.method == 'tract':
-      return methods.tract_loss(params, sema_params=state.sema_params, clip_x=clip_x, **common)
-    return methods.btd_loss(params, **common)
-
-  return loss_fn
-
-
-def edm_teacher_loss_fn(net, *, reduction, conditional, dropout):
-  """EDM teacher training (docs/SPEC_EDM.md, for the demo and user-trained teachers): EDM's loss.
-  net: edm.make_network(model)."""
-
-  def loss_fn(params, state, batch, rng):
-    del state
-    return edm.teacher_loss(params, net, batch['image'], _labels(batch, conditional), rng,
-                            reduction=reduction, dropout=dropout)
-
-  return loss_fn
-
-
-def edm_distill_loss_fn(net, plan: phases.PhasePlan, *, reduction, clip_x, conditional,
-                        teacher_net=None, dropout=False):
-  """TRACT-EDM (docs/SPEC_EDM.md section 3) against the state's frozen teacher of its phase.
-
-  Phase 0's teacher (the original EDM teacher) takes Heun steps; a later phase's teacher is the
-  previous phase's student and takes its own section-2 steps (the release has one phase only).
-  net / teacher_net: edm.make_network of the student's / the teacher's model."""
-  table = jnp.asarray(plan.phase_table())
-  grid = edm.Grid(plan.teacher_steps)
-
-  def loss_fn(params, state: TrainState, batch, rng):
-    heun = True if plan.num_phases == 1 else state.phase == 0
-    return edm.tract_loss(params, net, grid, state.teacher_params, state.sema_params,
-                          batch['image'], _labels(batch, conditional), rng, table[state.phase],
-                          teacher_heun=heun, clip_x=clip_x, reduction=reduction,
-                          teacher_net=teacher_net, dropout=dropout)
-
-  return loss_fn
+from tract_jax import parallel, phases, seeds
+from tract_jax.methods import Method
+from tract_jax.models import factory
+from tract_jax.state import TrainState, create_state, ema_update, finite_grads, log_momentum
 
 
 def _update(state: TrainState, batch, *, loss_fn, tx, log_ema: float, log_sema,
@@ -125,3 +63,48 @@ def make_train_step(loss_fn, tx, *, ema_momentum: float, sema_momentum=None, mes
     return jax.jit(step_fn, donate_argnums=0)
   return jax.jit(step_fn, in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                  out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
+
+
+class TrainStep(NamedTuple):
+  """What `build_train_step` returns."""
+  step: Callable                   # jitted (state, batch) -> (state, metrics); the state is donated
+  state: TrainState                # the initial state (ShapeDtypeStructs when abstract)
+  state_sharding: Any
+  plan: Optional[phases.PhasePlan]  # None for teacher training
+  batch_size: int                  # the global batch the method trains with
+  seed: int                        # the seed of the state's RNG, and of its input pipeline
+
+
+def build_train_step(config, method: Method, mesh, params, plan=None, *,
+                     abstract: bool = False) -> TrainStep:
+  """The jitted train step of `method` for `config` on `mesh`, and its initial state.
+
+  Teacher training (method.distils False) starts from `params` with config.teacher_training's
+  dropout, batch and EMA decay and the state RNG config.seed. A distillation method starts student,
+  EMAs and teacher from `params` (the teacher); plan: its phases.PhasePlan (default: the config's);
+  dropout 0 unless the method has student dropout (spec section 3); the state RNG config.seed +
+  seeds.DISTILLATION. The networks are config.model's (its dtype, teacher_dtype and remat).
+  abstract=True: `params` may be ShapeDtypeStructs and the state is, too: the step can be lowered
+  and compiled, not run (benchmarks on paper-size models).
+  """
+  if method.distils:
+    plan = plan or phases.plan_of(config, method.name)
+    dropout = config.student_dropout if method.student_dropout else 0.0
+    seed, batch_size = config.seed + seeds.DISTILLATION, config.batch_size
+    ema_momentum = plan.ema_momentum
+    sema_momentum = config.sema if method.has_self_teacher else None
+    teacher_model = factory.build_model(config.model, teacher=True)
+  else:
+    tc = config.teacher_training
+    dropout, seed, batch_size, ema_momentum = tc.dropout, config.seed, tc.batch_size, tc.ema_decay
+    sema_momentum, teacher_model, plan = None, None, None
+  model = factory.build_model(config.model, dropout=dropout, trained=True)
+  tx = method.make_optimizer(config)
+  state, state_sharding = create_state(
+      params, tx, seed, mesh, config.mesh.fsdp_min_size, sema=method.has_self_teacher,
+      teacher=params if method.distils else None, abstract=abstract)
+  loss_fn = method.make_loss(config, model, teacher_model, plan)
+  step = make_train_step(loss_fn, tx, ema_momentum=ema_momentum, sema_momentum=sema_momentum,
+                         mesh=mesh, state_sharding=state_sharding,
+                         sanitize_grads=method.sanitize_grads)
+  return TrainStep(step, state, state_sharding, plan, batch_size, seed)

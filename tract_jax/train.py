@@ -1,23 +1,24 @@
 """The driver: `train_and_evaluate(config, workdir)` runs the whole job a config describes.
 
-Read top to bottom: validate -> mesh -> data -> model and evaluator -> teacher (train or load) ->
-for phase in plan: for step in phase -> final evaluation. The pieces live one hop away:
-config_checks (start-up checks), parallel (mesh), data (input pipeline), models.factory (network),
-state (train state, EMAs), steps (the jitted update), loop (the step loop), checkpoints (Orbax),
-evaluator (samples and metrics), workdir (protection, evaluate/sample modes).
+Read top to bottom: validate -> mesh -> data -> evaluator -> teacher (train or load) -> for phase
+in plan: for step in phase -> final evaluation. The pieces live one hop away: config_checks
+(start-up checks), parallel (mesh), data (input pipeline), methods (what each method trains and
+how), steps (the one builder of the jitted update), loop (the step loop), checkpoints (Orbax),
+evaluator (samples and metrics), workdir (protection), modes (mode=evaluate|sample).
 """
 import json
 import time
 
 import jax
 
-from tract_jax import (checkpoints, config_checks, data, devices, edm, parallel, paths, phases,
+from tract_jax import (checkpoints, config_checks, data, devices, methods, parallel, paths, phases,
                        steps, writers)
 from tract_jax.evaluator import Evaluator
 from tract_jax.loop import SignalFlag, StepLoop
 from tract_jax.models import factory
-from tract_jax.state import advance_phase, create_state, make_edm_optimizer, make_optimizer
-from tract_jax.workdir import evaluate_or_sample, protect, record_config
+from tract_jax.modes import evaluate_or_sample
+from tract_jax.state import advance_phase
+from tract_jax.workdir import protect, record_config
 
 
 def _pipeline(config, source, batch_size: int, seed: int, start_step: int):
@@ -33,20 +34,9 @@ def _param_target(config, image_shape, mesh):
                                  config.mesh.fsdp_min_size)
 
 
-def _is_edm(config) -> bool:
-  return config.get('parametrisation', 'ddim') == 'edm'
-
-
-def _denoiser(config, model):
-  """What the evaluator samples with: EDM's preconditioned D (docs/SPEC_EDM.md), or the DDIM x_hat of
-  config.model.mean_type."""
-  if _is_edm(config):
-    return edm.make_denoiser(model)
-  return factory.make_denoiser(model, config.model.mean_type)
-
-
 def train_teacher(config, workdir: str, source=None, mesh=None):
-  """Trains a teacher (spec section 6) in `workdir`; returns its evaluation-EMA parameters.
+  """Trains a teacher (spec section 6; EDM's loss with parametrisation 'edm') in `workdir`;
+  returns its evaluation-EMA parameters.
 
   Resumes from workdir/checkpoints; the finished EMA is written to workdir/ema_params (and read
   from there, without training, when it exists).
@@ -54,7 +44,6 @@ def train_teacher(config, workdir: str, source=None, mesh=None):
   tc = config.teacher_training
   source = source or data.load_source(config.data)
   mesh = mesh or parallel.mesh_from_config(config)
-  parallel.check_batch(tc.batch_size, mesh, 'teacher_training.batch_size')
   workdir = paths.resolve(workdir)  # local or gs://
   workdir.mkdir(parents=True, exist_ok=True)
   final_path = workdir / 'ema_params'
@@ -63,32 +52,19 @@ def train_teacher(config, workdir: str, source=None, mesh=None):
     print(f'Teacher already trained: {final_path}', flush=True)
     return checkpoints.load_params(final_path, like)
 
-  model = factory.build_model(config.model, dropout=tc.dropout, trained=True)
-  params = factory.init_params(model, source.image_shape, config.seed, like)
-  opt = config.optimizer
-  tx = make_optimizer(tc.learning_rate, tc.warmup_steps, tc.grad_clip, opt.b1, opt.b2, opt.eps)
-  state, state_sharding = create_state(params, tx, config.seed, mesh, config.mesh.fsdp_min_size)
-  if _is_edm(config):  # EDM's loss: ln sigma ~ N(-1.2, 1.2^2), weighted to F space
-    loss_fn = steps.edm_teacher_loss_fn(edm.make_network(model), reduction=tc.loss_reduction,
-                                        conditional=bool(config.model.num_classes),
-                                        dropout=tc.dropout > 0)
-  else:
-    loss_fn = steps.teacher_loss_fn(
-        factory.make_denoiser(model, config.model.mean_type), reduction=tc.loss_reduction,
-        time_sampling=tc.time_sampling, teacher_steps=config.teacher_steps,
-        conditional=bool(config.model.num_classes), dropout=tc.dropout > 0)
-  step_fn = steps.make_train_step(loss_fn, tx, ema_momentum=tc.ema_decay, mesh=mesh,
-                                  state_sharding=state_sharding)
-  total = int(tc.train_steps)
-  print(f'Teacher training: {total} steps, batch {tc.batch_size}, '
+  params = factory.init_params(factory.build_model(config.model), source.image_shape, config.seed,
+                               like)
+  train_step = steps.build_train_step(config, methods.teacher_of(config), mesh, params)
+  total, batch_size = int(tc.train_steps), train_step.batch_size
+  print(f'Teacher training: {total} steps, batch {batch_size}, '
         f'{sum(x.size for x in jax.tree.leaves(params)):,} parameters', flush=True)
   with writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer, \
       checkpoints.StateCheckpoints(workdir / 'checkpoints', config.keep_checkpoints) as ckpts, \
       SignalFlag() as signals:
-    state = ckpts.restore_or_keep(state, what='teacher training')
-    loop = StepLoop(config, step_fn, mesh, ckpts, writer, total=total,
-                    images_per_step=tc.batch_size, scalar_prefix='teacher', signals=signals)
-    with _pipeline(config, source, tc.batch_size, config.seed, int(state.step)) as batches:
+    state = ckpts.restore_or_keep(train_step.state, what='teacher training')
+    loop = StepLoop(config, train_step.step, mesh, ckpts, writer, total=total,
+                    images_per_step=batch_size, scalar_prefix='teacher', signals=signals)
+    with _pipeline(config, source, batch_size, train_step.seed, int(state.step)) as batches:
       state = loop.run(state, batches, until=total, label='teacher')
     loop.save(total, state, 'teacher')
   checkpoints.save_params(final_path, state.ema_params)
@@ -97,62 +73,34 @@ def train_teacher(config, workdir: str, source=None, mesh=None):
 
 def train_distillation(config, workdir: str, plan: phases.PhasePlan, teacher_params, source=None,
                        mesh=None, evaluator=None):
-  """Runs every phase of `plan` (TRACT or BTD) from `teacher_params`; returns the final state.
+  """Runs every phase of `plan` (its method's record says how) from `teacher_params`; returns the
+  final state.
 
   Phase k ends by writing workdir/phase_<k>_ema (its evaluation EMA, an S_{k+1}-step student) and
   its grid, then a resumable checkpoint; the next phase starts with that EMA as its teacher.
   """
   source = source or data.load_source(config.data)
   mesh = mesh or parallel.mesh_from_config(config)
-  parallel.check_batch(config.batch_size, mesh)
   workdir = paths.resolve(workdir)  # local or gs://
   workdir.mkdir(parents=True, exist_ok=True)
-  tract_edm = plan.method == 'tract_edm'
-  # Dropout 0 in every network while distilling (spec section 3); TRACT-EDM has a flag for the
-  # student's (docs/SPEC_EDM.md section 4; the teacher and self-teacher never drop out).
-  model = factory.build_model(config.model, dropout=config.student_dropout if tract_edm else 0.0,
-                              trained=True)
-  denoise = _denoiser(config, model)
-  evaluator = evaluator or Evaluator(config, denoise, source.image_shape, workdir, mesh)
-  opt = config.optimizer
-  if tract_edm:  # no clipping by default, warm-up counted in samples (docs/SPEC_EDM.md section 4)
-    tx = make_edm_optimizer(opt.learning_rate, opt.warmup_samples, config.batch_size,
-                            opt.grad_clip, opt.b1, opt.b2, opt.eps)
-  else:
-    tx = make_optimizer(opt.learning_rate, opt.warmup_steps, opt.grad_clip, opt.b1, opt.b2, opt.eps)
-  self_teacher = plan.method in ('tract', 'tract_edm')
+  evaluator = evaluator or Evaluator(config, factory.build_model(config.model), source.image_shape,
+                                     workdir, mesh)
   # The student starts from the teacher; the EMAs too (their first update copies the student).
-  state, state_sharding = create_state(teacher_params, tx, config.seed + 1, mesh,
-                                       config.mesh.fsdp_min_size, sema=self_teacher,
-                                       teacher=teacher_params)
-  teacher_model = factory.build_model(config.model, teacher=True)
-  if tract_edm:
-    loss_fn = steps.edm_distill_loss_fn(
-        edm.make_network(model), plan, reduction=config.loss_reduction, clip_x=config.clip_x,
-        conditional=bool(config.model.num_classes), teacher_net=edm.make_network(teacher_model),
-        dropout=config.student_dropout > 0)
-  else:
-    loss_fn = steps.distill_loss_fn(denoise, plan, reduction=config.loss_reduction,
-                                    clip_x=config.clip_x, conditional=bool(config.model.num_classes),
-                                    teacher_denoise=factory.make_denoiser(teacher_model,
-                                                                          config.model.mean_type))
-  step_fn = steps.make_train_step(loss_fn, tx, ema_momentum=plan.ema_momentum,
-                                  sema_momentum=config.sema if self_teacher else None,
-                                  mesh=mesh, state_sharding=state_sharding,
-                                  sanitize_grads=tract_edm)
+  train_step = steps.build_train_step(config, methods.get(plan.method), mesh, teacher_params, plan)
   if evaluator.reference is None and 'agreement' in evaluator.metrics:
     evaluator.teacher_reference(teacher_params, plan.teacher_steps)  # cached in the workdir
+  batch_size = train_step.batch_size
   print(f'{plan.method.upper()}: schedule {",".join(map(str, plan.schedule))}, {plan.num_phases} '
-        f'phase(s) of {plan.steps_per_phase} steps, batch {config.batch_size}, evaluation-EMA '
+        f'phase(s) of {plan.steps_per_phase} steps, batch {batch_size}, evaluation-EMA '
         f'momentum {plan.ema_momentum:.8f}', flush=True)
   with writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer, \
       checkpoints.StateCheckpoints(workdir / 'checkpoints', config.keep_checkpoints) as ckpts, \
       SignalFlag() as signals:
-    state = ckpts.restore_or_keep(state, what=plan.method)
-    loop = StepLoop(config, step_fn, mesh, ckpts, writer, total=plan.total_steps,
-                    images_per_step=config.batch_size, scalar_prefix=plan.method, signals=signals)
+    state = ckpts.restore_or_keep(train_step.state, what=plan.method)
+    loop = StepLoop(config, train_step.step, mesh, ckpts, writer, total=plan.total_steps,
+                    images_per_step=batch_size, scalar_prefix=plan.method, signals=signals)
     done = int(state.step)
-    with _pipeline(config, source, config.batch_size, config.seed + 1, done) as batches:
+    with _pipeline(config, source, batch_size, train_step.seed, done) as batches:
       for phase in range(plan.phase_of_step(done), plan.num_phases):
         end = (phase + 1) * plan.steps_per_phase
         if done >= end:  # resumed at this phase's end: its artefact was written before the save
@@ -180,7 +128,7 @@ def train_and_evaluate(config, workdir: str):
   paths.check('workdir', workdir)  # a local folder or a bucket (gs://...): see paths.py
   paths.check_folder('workdir', workdir)
   plan = config_checks.validate_config(config)               # validate
-  parallel.use_compilation_cache(config.get('compilation_cache_dir', ''))
+  parallel.use_compilation_cache(config.compilation_cache_dir)
   parallel.maybe_initialize_distributed(config)               # mesh
   mesh = parallel.mesh_from_config(config)
   config_checks.check_device_sizes(config, mesh)
@@ -190,24 +138,24 @@ def train_and_evaluate(config, workdir: str):
   workdir = paths.resolve(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   print(parallel.describe(mesh), flush=True)
-  model = factory.build_model(config.model)                   # model and evaluator
-  evaluator = Evaluator(config, _denoiser(config, model), source.image_shape, workdir, mesh)
+  evaluator = Evaluator(config, factory.build_model(config.model), source.image_shape, workdir,
+                        mesh)                                   # evaluator
   if config.mode != 'train':
     return evaluate_or_sample(config, workdir, plan, source.image_shape, mesh, evaluator)
   protect(config, workdir)  # process 0 may delete an incompatible run (overwrite=True) ...
-  record_config(config, workdir)
+  record_config(config, workdir, source.image_shape)
   parallel.barrier('workdir ready')  # ... before any host reads the workdir
 
-  if config.method == 'teacher' or not config.teacher_checkpoint:   # teacher: train or load
-    if config.method != 'teacher':
+  distils = plan is not None
+  if not distils or not config.teacher_checkpoint:            # teacher: train or load
+    if distils:
       print('No teacher_checkpoint: training a teacher first (workdir/teacher)', flush=True)
-    teacher_dir = workdir if config.method == 'teacher' else workdir / 'teacher'
-    teacher = train_teacher(config, teacher_dir, source, mesh)
+    teacher = train_teacher(config, workdir / 'teacher' if distils else workdir, source, mesh)
   else:
     teacher = checkpoints.load_params(config.teacher_checkpoint,
                                       _param_target(config, source.image_shape, mesh))
   evaluator.teacher_reference(teacher, config.teacher_steps)
-  if config.method == 'teacher':
+  if not distils:
     print(f'Done in {time.time() - start:.0f}s', flush=True)
     return {'wall_time_s': time.time() - start}
 

@@ -1,14 +1,12 @@
 """What a workdir holds between runs: protection against resuming it with an incompatible
-configuration, the configuration record, and the read-only modes (`mode=evaluate|sample`) that score
-or sample its newest parameters."""
+configuration, and the configuration record (with the image shape the run trained on). The
+read-only modes that score or sample its newest parameters are in modes.py."""
 import json
 
 import jax
 
-from tract_jax import checkpoints, paths, writers
+from tract_jax import checkpoints, paths
 from tract_jax.errors import ConfigError
-from tract_jax.evaluator import Evaluator, save_grid
-from tract_jax.models import factory
 
 # Fields that define a run: a workdir whose checkpoints came from other values cannot be resumed.
 # (Mesh, logging, checkpoint and evaluation settings may change between restarts.)
@@ -17,7 +15,8 @@ RUN_FIELDS = ('method', 'seed', 'teacher_checkpoint', 'teacher_steps', 'time_sch
               'clip_x', 'optimizer', 'teacher_training', 'model', 'data.name', 'data.image_size',
               'data.random_flip', 'parametrisation', 'student_dropout')
 # model fields that change how the network computes, not its parameters: free to change on resume.
-COMPUTE_FIELDS = ('dtype', 'teacher_dtype', 'remat', 'conv_impl')
+COMPUTE_FIELDS = ('dtype', 'teacher_dtype', 'remat', 'conv_impl')  # conv_impl: older records
+IMAGE_SHAPE_KEY = 'image_shape'  # in config.json, next to the configuration's fields
 ARTEFACTS = ('checkpoints', 'teacher', 'ema_params', 'result.json', 'summary.jsonl', 'tensorboard')
 
 
@@ -79,49 +78,26 @@ def protect(config, workdir) -> None:
         path.unlink()
 
 
-def record_config(config, workdir) -> None:
-  """workdir/config.json, written atomically (what `protect` compares the next run with)."""
+def record_config(config, workdir, image_shape=None) -> None:
+  """workdir/config.json, written atomically: the configuration (what `protect` compares the next
+  run with) and, next to its fields, 'image_shape' [H, W, C] of the data it trains on, so that the
+  run's parameters can be exported and sampled where that data is not (`recorded_image_shape`)."""
   if jax.process_index() != 0:
     return
-  paths.write_text(paths.resolve(workdir) / 'config.json', config.to_json_best_effort(indent=2))
+  record = json.loads(config.to_json_best_effort())
+  if image_shape is not None:
+    record[IMAGE_SHAPE_KEY] = [int(v) for v in image_shape]
+  paths.write_text(paths.resolve(workdir) / 'config.json', json.dumps(record, indent=2))
 
 
-def evaluate_or_sample(config, workdir, plan, image_shape, mesh, evaluator: Evaluator):
-  """mode=evaluate: the configured metrics of saved parameters; mode=sample: N samples to .npz+PNG.
-
-  Reads the workdir's newest parameters (or eval.params) straight into the mesh's shardings; the
-  sampling steps are eval.steps, else the student's, else teacher_steps.
-  """
-  workdir = paths.resolve(workdir)
-  path, kind, phase = checkpoints.newest_params(config.eval.params or workdir)
-  if not paths.resolve(path).is_dir():
-    raise ConfigError(f'{"eval.params" if config.eval.params else "workdir"}={path!r}: no trained '
-                      'parameters found (phase_<k>_ema/ or ema_params/); set eval.params')
-  steps = config.eval.steps
-  if not steps and kind == 'student' and plan is not None and phase < plan.num_phases:
-    steps = plan.student_steps(phase)
-  steps = steps or config.teacher_steps
-  like = factory.abstract_params(factory.build_model(config.model), image_shape, mesh,
-                                 config.mesh.fsdp_min_size)
-  params = checkpoints.load_params(path, like, field='eval.params')
-  if config.mode == 'sample':
-    images = evaluator.samples(params, steps)
-    out = str(paths.resolve(config.eval.output or workdir / f'samples_{steps}steps.npz'))
-    out += '' if out.endswith('.npz') else '.npz'  # as np.savez names it
-    if jax.process_index() == 0:
-      labels = {} if evaluator.labels is None else {'labels': evaluator.labels}
-      paths.save_npz(out, images=writers.to_uint8(images), **labels)
-      out_path = paths.resolve(out)
-      save_grid(out_path.parent, out_path.name[:-4] + '.png', images, evaluator.labels)
-    print(f'Wrote {len(images)} samples ({steps} steps) from {path} to {out}', flush=True)
-    return {'samples': out, 'steps': steps}
-  reference_path = workdir / f'teacher_samples_{config.teacher_steps}.npz'
-  reference = paths.load_npz(reference_path)['images'] if reference_path.exists() else None
-  scores, _ = evaluator.score(params, steps, reference)
-  result = {'params': path, 'steps': steps, **scores}
-  if jax.process_index() == 0:
-    paths.write_text(workdir / f'eval_{steps}steps.json', json.dumps(result, indent=2))
-  print(f'Evaluation of {path} at {steps} step(s): '
-        + (', '.join(f'{k} {v:.4f}' for k, v in scores.items()) or 'no metric applies '
-           '(agreement needs the teacher samples of a distillation workdir)'), flush=True)
-  return result
+def recorded_image_shape(path):
+  """The image shape config.json records for the run that holds `path` (the workdir, a params
+  checkpoint in it, or the teacher's in workdir/teacher), else None."""
+  path = paths.resolve(path)
+  for folder in (path, path.parent, path.parent.parent):
+    record = folder / 'config.json'
+    if record.exists():
+      shape = json.loads(record.read_text()).get(IMAGE_SHAPE_KEY)
+      if shape:
+        return tuple(int(v) for v in shape)
+  return None

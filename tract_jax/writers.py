@@ -12,13 +12,13 @@ from typing import Dict, Optional
 import numpy as np
 from PIL import Image
 
-from tract_jax import paths
+from tract_jax import paths, quantize
 
 
 def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats -> uint8 levels (the quantisation the paper applies before evaluation)."""
-  images = np.asarray(images, np.float32)
-  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  """[-1, 1] floats -> uint8 levels (quantize.py: the quantisation the paper applies before
+  evaluation)."""
+  return quantize.uint8_levels(np.asarray(images, np.float32)).astype(np.uint8)
 
 
 def make_grid(images, ncol: Optional[int] = None, pad: int = 1, scale: int = 1) -> np.ndarray:
@@ -111,16 +111,15 @@ class MetricWriter:
   def __exit__(self, *exc):
     self.close()
 
-  def scalars(self, step: int, values: Dict[str, float], record: bool = True):
+  def scalars(self, step: int, values: Dict[str, float]):
     if not self.enabled:
       return
     values = {k: float(v) for k, v in values.items()}
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, v, step)
-    if record:
-      with open(self._summary, 'a') as f:
-        f.write(json.dumps({'step': int(step), **values}) + '\n')
+    with open(self._summary, 'a') as f:
+      f.write(json.dumps({'step': int(step), **values}) + '\n')
     if self.remote and time.monotonic() - self._last_sync >= self.sync_every_s:
       self.flush()
 

@@ -11,6 +11,8 @@ Sources (`load_source(config.data)`; data.name picks one, `check_name` validates
                   in one sub-folder per class (labels 0, 1, ... in sorted sub-folder order)
   a .npz file     uint8 'images' (N, H, W) or (N, H, W, C) with C = 1 or 3, optional int 'labels'
                   (N,) (num_classes = max label + 1; without labels: 0)
+`image_shape(config.data)` is the (H, W, C) a source would give, without the data for a TFDS name
+(its registered builder declares it): what export, the benchmarks and the importers use.
 `data.image_size` > 0 makes every image square: the shorter side is resized to image_size with
 PIL's bicubic filter (antialiased when shrinking: PIL widens the kernel by the scale factor), then
 the centre is cropped; 0 keeps the native size, which must then be the same for every example.
@@ -49,34 +51,51 @@ converts them to float32 (4x less shared-memory traffic) on a read-ahead thread.
 """
 import os
 
-from tract_jax.data.names import ALLOWED, DATASETS, TFDS_PREFIX, _kind, check_name, describe_allowed
+from tract_jax.data.names import (ALLOWED, DATASETS, TFDS_NAMES, TFDS_PREFIX, check_name,
+                                  describe_allowed, kind)
 from tract_jax.data.pipeline import Pipeline, batch_at, make_pipeline, step_dataset
 from tract_jax.data.sources import (FIRST_BATCH_CHECKED, IMAGE_EXTENSIONS, ArraySource, FolderSource,
                                     check_labels, fit_square, load_digits, load_npz,
                                     to_model_range)
-from tract_jax.data.tfds_source import TFDS_NAMES, TfdsSource, load_tfds
+from tract_jax.data.tfds_source import TfdsSource, load_tfds, tfds_image_shape
 from tract_jax.errors import ConfigError
 
 __all__ = ['ALLOWED', 'DATASETS', 'TFDS_PREFIX', 'check_name', 'describe_allowed', 'load_source',
-           'Pipeline', 'batch_at', 'make_pipeline', 'step_dataset', 'FIRST_BATCH_CHECKED',
-           'IMAGE_EXTENSIONS', 'ArraySource', 'FolderSource', 'check_labels', 'fit_square',
-           'load_digits', 'load_npz', 'to_model_range', 'TFDS_NAMES', 'TfdsSource', 'load_tfds']
+           'image_shape', 'Pipeline', 'batch_at', 'make_pipeline', 'step_dataset',
+           'FIRST_BATCH_CHECKED', 'IMAGE_EXTENSIONS', 'ArraySource', 'FolderSource', 'check_labels',
+           'fit_square', 'load_digits', 'load_npz', 'to_model_range', 'TFDS_NAMES', 'TfdsSource',
+           'load_tfds']
+
+
+def _image_size(data_config) -> int:
+  image_size = int(data_config.get('image_size', 0) or 0)
+  if image_size < 0:
+    raise ConfigError(f'data.image_size={image_size}: expected 0 (native size) or a positive side')
+  return image_size
 
 
 def load_source(data_config):
   """The source data.name names (see the module docstring), images fitted to data.image_size."""
   name = data_config.name
-  image_size = int(data_config.get('image_size', 0) or 0)
-  if image_size < 0:
-    raise ConfigError(f'data.image_size={image_size}: expected 0 (native size) or a positive side')
-  kind = _kind(name)
-  if kind in ('npz', 'folder'):
+  image_size = _image_size(data_config)
+  form = kind(name)
+  if form in ('npz', 'folder'):
     name = os.path.expanduser(name)
   if name == 'digits':
     return load_digits(image_size)
-  if kind in ('named', 'tfds'):
+  if form in ('named', 'tfds'):
     return load_tfds(name, data_config.get('data_dir') or None, image_size)
-  if kind == 'npz':
+  if form == 'npz':
     return load_npz(name, image_size)
   return FolderSource(name, image_size)
+
+
+def image_shape(data_config) -> tuple:
+  """(H, W, C) of the model's images for data.name, as load_source would give them: a TFDS dataset
+  answers from its info (no data needed, see tfds_image_shape), the embedded digits, a folder or an
+  .npz file from the source itself."""
+  name = data_config.name
+  if name != 'digits' and kind(name) in ('named', 'tfds'):
+    return tfds_image_shape(name, data_config.get('data_dir') or None, _image_size(data_config))
+  return tuple(load_source(data_config).image_shape)
 

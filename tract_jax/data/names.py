@@ -3,16 +3,19 @@ import os
 
 from tract_jax.errors import ConfigError
 
-# The named datasets; data.name also takes 'tfds:NAME', an image folder or an .npz file (check_name).
-DATASETS = ('digits', 'cifar10', 'imagenet64')
+# The named datasets, described once: data.name -> the TFDS dataset it reads (train split, integer
+# labels); 'digits' is embedded in the package. data.name also takes 'tfds:NAME', an image folder or
+# an .npz file (check_name).
+TFDS_NAMES = {'cifar10': 'cifar10', 'imagenet64': 'imagenet_resized/64x64'}
+DATASETS = ('digits',) + tuple(TFDS_NAMES)
 TFDS_PREFIX = 'tfds:'
 
-ALLOWED = ("allowed: 'digits', 'cifar10', 'imagenet64', 'tfds:NAME' (a TFDS image dataset prepared "
+ALLOWED = (f"allowed: {', '.join(map(repr, DATASETS))}, 'tfds:NAME' (a TFDS image dataset prepared "
            "in data.data_dir), a directory of .png/.jpg images (optionally one sub-folder per "
            "class), or a .npz file with uint8 'images' (N, H, W[, C]) and optional 'labels'")
 
 
-def _kind(name: str) -> str:
+def kind(name: str) -> str:
   """'named', 'tfds', 'npz' or 'folder'; ConfigError (one line) otherwise. Only os.path checks."""
   if not isinstance(name, str) or not name:
     raise ConfigError(f'data.name={name!r}: {ALLOWED}')
@@ -44,7 +47,7 @@ def check_name(name: str) -> None:
 
   Cheap: no dataset is opened (a 'tfds:NAME' is looked up only by load_source).
   """
-  _kind(name)
+  kind(name)
 
 
 def describe_allowed() -> str:

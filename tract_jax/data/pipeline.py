@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from tract_jax.data.sources import to_model_range
-from tract_jax.data.tfds_source import _hide_accelerators_from_tensorflow
+from tract_jax.data.tfds_source import hide_accelerators_from_tensorflow
 from tract_jax.errors import ConfigError
 
 
@@ -78,7 +78,7 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
   jax = sys.modules.get('jax')
   if jax is not None:
     jax.config.update('jax_platforms', 'cpu')
-  _hide_accelerators_from_tensorflow()
+  hide_accelerators_from_tensorflow()
 
 
 def _let_grain_read_its_flags() -> None:

@@ -7,12 +7,9 @@ from typing import Optional
 
 import numpy as np
 
-from tract_jax.data.names import TFDS_PREFIX
+from tract_jax.data.names import TFDS_NAMES, TFDS_PREFIX
 from tract_jax.data.sources import _ExampleSource
 from tract_jax.errors import ConfigError
-
-# data.name -> TFDS name; both have a 'train' split with integer labels.
-TFDS_NAMES = {'cifar10': 'cifar10', 'imagenet64': 'imagenet_resized/64x64'}
 
 
 class TfdsSource(_ExampleSource):
@@ -121,7 +118,7 @@ def _check_prepared(name: str, tfds_name: str, builder, data_dir: Optional[str])
                       f'(splits: {sorted(builder.info.splits)}); was the preparation interrupted?')
 
 
-def _hide_accelerators_from_tensorflow() -> None:
+def hide_accelerators_from_tensorflow() -> None:
   """If something imported TensorFlow, keep it off the GPUs/TPUs that JAX uses."""
   tf = sys.modules.get('tensorflow')
   if tf is not None:
@@ -132,6 +129,42 @@ def _hide_accelerators_from_tensorflow() -> None:
       pass
 
 
+def _builder(name: str, data_dir: Optional[str]):
+  """(TFDS name, tfds builder) of data.name `name`; reads metadata only, never downloads."""
+  import tensorflow_datasets as tfds  # lazily: half a second, and 'digits' does not need it
+  tfds_name = name[len(TFDS_PREFIX):] if name.startswith(TFDS_PREFIX) else TFDS_NAMES[name]
+  try:
+    return tfds_name, tfds.builder(tfds_name, data_dir=data_dir or None)
+  except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f'data.name={name!r}: TFDS cannot build {tfds_name!r}: {first_line}') from e
+
+
+def _image_feature(name: str, tfds_name: str, builder):
+  features = builder.info.features
+  if 'image' not in features:
+    raise ConfigError(f'data.name={name!r}: {tfds_name!r} has features {sorted(features)}, '
+                      "expected an 'image'")
+  return features['image']
+
+
+def tfds_image_shape(name: str, data_dir: Optional[str] = None, image_size: int = 0) -> tuple:
+  """(H, W, C) of the train images of data.name `name`, fitted to image_size, from the dataset's
+  info: the registered builder declares its features whether or not the data is prepared here, so
+  this needs no data. A dataset of varying image size (declared (None, None, C)) needs image_size,
+  or its data prepared (then example 0 answers)."""
+  tfds_name, builder = _builder(name, data_dir)
+  height, width, channels = _image_feature(name, tfds_name, builder).shape
+  if image_size:
+    return (int(image_size), int(image_size), channels)
+  if height is None or width is None:
+    if builder.is_prepared():
+      return load_tfds(name, data_dir).image_shape
+    raise ConfigError(f'data.name={name!r}: {tfds_name!r} images vary in size and the dataset is '
+                      'not prepared here; set data.image_size to fix one square size')
+  return (height, width, channels)
+
+
 def load_tfds(name: str, data_dir: Optional[str] = None, image_size: int = 0) -> TfdsSource:
   """The train split of data.name `name` ('cifar10', 'imagenet64' or 'tfds:NAME') from TFDS files
   in `data_dir`.
@@ -139,19 +172,12 @@ def load_tfds(name: str, data_dir: Optional[str] = None, image_size: int = 0) ->
   Never downloads and never imports TensorFlow; raises ConfigError naming the directory when the
   dataset is missing.
   """
-  import tensorflow_datasets as tfds  # lazily: half a second, and 'digits' does not need it
-  tfds_name = name[len(TFDS_PREFIX):] if name.startswith(TFDS_PREFIX) else TFDS_NAMES[name]
+  import tensorflow_datasets as tfds
   data_dir = data_dir or None
-  try:
-    builder = tfds.builder(tfds_name, data_dir=data_dir)
-  except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f'data.name={name!r}: TFDS cannot build {tfds_name!r}: {first_line}') from e
+  tfds_name, builder = _builder(name, data_dir)
   _check_prepared(name, tfds_name, builder, data_dir)
+  image = _image_feature(name, tfds_name, builder)
   features = builder.info.features
-  if 'image' not in features:
-    raise ConfigError(f'data.name={name!r}: {tfds_name!r} has features {sorted(features)}, '
-                      "expected an 'image'")
   label = features['label'] if 'label' in features else None
   num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else 0
   try:
@@ -159,8 +185,7 @@ def load_tfds(name: str, data_dir: Optional[str] = None, image_size: int = 0) ->
   except (KeyError, ValueError, NotImplementedError, OSError) as e:
     raise ConfigError(f'data.name={name!r}: TFDS could not open {tfds_name!r} in '
                       f'{os.fspath(builder.data_path)}: {e}') from e
-  source = TfdsSource(records, name, num_classes, expected_shape=features['image'].shape,
+  source = TfdsSource(records, name, num_classes, expected_shape=image.shape,
                       image_size=image_size)
-  _hide_accelerators_from_tensorflow()
+  hide_accelerators_from_tensorflow()
   return source
-

@@ -1,7 +1,7 @@
-"""Evaluation: FID (statistics, Frechet distance, 1/N extrapolation), the FID Inception-v3 network,
-and the offline digits metric.
+"""Evaluation: FID (statistics, Frechet distance), KID, the FID Inception-v3 network, and the offline
+digits metric.
 
-  fid.py               ActivationStats, stats_from_features, frechet_distance, fid_vs_n
+  fid.py               ActivationStats, stats_from_features, frechet_distance
   stats_files.py       save/read/load_stats (recording the resize convention they were made with)
   kid.py               kid (kernel inception distance)
   inception.py         FIDInceptionV3 (Flax), InceptionFeatures, load_inception
@@ -15,7 +15,7 @@ loaded only with the Inception network, and `python -m tract_jax.evaluation.<mod
 import importlib
 
 _EXPORTS = {
-    'ActivationStats': 'fid', 'FidVsN': 'fid', 'fid_vs_n': 'fid', 'fit_inverse_n': 'fid',
+    'ActivationStats': 'fid',
     'frechet_distance': 'fid', 'load_stats': 'stats_files', 'save_stats': 'stats_files',
     'stats_from_features': 'fid', 'read_stats': 'stats_files',
     'ReferenceStats': 'stats_files', 'check_stats_convention': 'stats_files',

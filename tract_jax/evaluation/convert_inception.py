@@ -190,7 +190,7 @@ def fingerprint(state_dict: Dict[str, np.ndarray]) -> np.ndarray:
   return np.asarray([total, squares, weighted])
 
 
-def _load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
+def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -299,23 +299,32 @@ def write_golden(state_dict: Dict[str, np.ndarray], output: str, num: int = 4,
   return {**out, **float64}
 
 
-def main(argv=None):
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--input', required=True, help='pt_inception-2015-12-05-6726825d.pth')
-  parser.add_argument('--output', required=True, help='.npz to write')
-  parser.add_argument('--golden_output', default=None,
-                      help='also write pytorch-fid features of fixed images here (needs pytorch-fid)')
-  args = parser.parse_args(argv)
-  flat = convert_state_dict(_load_torch_state_dict(args.input))
+def _define_flags():
+  """Flags are defined only when run as a program (no clash with other modules' flags)."""
+  from absl import flags
+  flags.DEFINE_string('input', None, 'pt_inception-2015-12-05-6726825d.pth')
+  flags.DEFINE_string('output', None, '.npz to write')
+  flags.DEFINE_string('golden_output', None, 'Also write pytorch-fid features of fixed images here '
+                      '(needs pytorch-fid).')
+  flags.mark_flags_as_required(['input', 'output'])
+
+
+def main(argv):
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  args = flags.FLAGS
+  flat = convert_state_dict(load_torch_state_dict(args.input))
   from tract_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
   inception.check_variables(inception.unflatten_tree(flat))
   np.savez(args.output, **flat)
   n = sum(int(np.prod(v.shape)) for k, v in flat.items() if k.startswith('params/'))
   print(f'wrote {args.output}: {len(flat)} arrays, {n:,} parameters')
   if args.golden_output:
-    write_golden(_load_torch_state_dict(args.input), args.golden_output)
+    write_golden(load_torch_state_dict(args.input), args.golden_output)
 
 
 if __name__ == '__main__':
-  main()
+  from absl import app as _app
+  _define_flags()
+  _app.run(main)

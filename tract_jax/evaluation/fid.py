@@ -9,13 +9,10 @@ is singular). Everything here is NumPy float64 on the host; only the features co
 Statistics files are read and written by `stats_files`; KID is in `kid`.
 
 FID at finite N is biased upward by a term close to k / N (the sample mean and covariance of N
-features are noisy, and noise can only add distance). Published numbers are FID@50k; `fid_vs_n`
-also fits FID(N) = FID_inf + k / N over random subsets and reports FID_inf beside FID@N. FID_inf is
-our own estimate (after Chong & Forsyth, "Effectively Unbiased FID and Inception Score", 2020), not
-a number the official code reports: compare published tables with FID@50k only.
+features are noisy, and noise can only add distance): compare FIDs of equal sample counts, and
+published tables with FID@50k.
 """
-import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import scipy.linalg
@@ -177,95 +174,3 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
       raise ValueError(f'matrix square root has an imaginary component of {imag:.3g}')
     covmean = covmean.real
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sample-count extrapolation.
-# ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class FidVsN:
-  """FID at the full sample count and its 1/N extrapolation.
-
-  Attributes:
-    fid: FID@N with all N features (what the official code reports, at N = 50,000).
-    fid_inf: our estimate of FID with infinitely many samples: the intercept of the least-squares fit
-      FID(N_i) = fid_inf + k / N_i.
-    k: the fitted slope (the bias at N is about k / N).
-    n: N, the number of generated features.
-    sizes: (M,) the subset sizes N_i used for the fit (the last one is N).
-    fids: (M,) FID at each size (averaged over `repeats` random subsets).
-  """
-  fid: float
-  fid_inf: float
-  k: float
-  n: int
-  sizes: np.ndarray
-  fids: np.ndarray
-
-
-def fit_inverse_n(sizes, fids) -> Tuple[float, float]:
-  """Least-squares fit of fids = fid_inf + k / sizes.
-
-  Args:
-    sizes: (M,) sample counts, at least two distinct.
-    fids: (M,) FID values measured at those counts.
-
-  Returns:
-    (fid_inf, k).
-  """
-  sizes = np.asarray(sizes, np.float64)
-  fids = np.asarray(fids, np.float64)
-  if len(np.unique(sizes)) < 2:
-    raise ValueError(f'need at least two distinct sizes to fit FID(N) = FID_inf + k/N, got {sizes}')
-  design = np.stack([np.ones_like(sizes), 1.0 / sizes], axis=1)
-  (fid_inf, k), *_ = np.linalg.lstsq(design, fids, rcond=None)
-  return float(fid_inf), float(k)
-
-
-def default_sizes(n: int, num: int = 8, min_fraction: float = 0.2) -> np.ndarray:
-  """`num` subset sizes from min_fraction * n to n, equally spaced in 1/N (where the fit is linear)."""
-  n_min = max(2, int(round(min_fraction * n)))
-  inv = np.linspace(1.0 / n_min, 1.0 / n, num)
-  return np.unique(np.round(1.0 / inv).astype(np.int64))
-
-
-def fid_vs_n(feats, mu_ref, sigma_ref, sizes: Optional[Sequence[int]] = None, repeats: int = 1,
-             seed: int = 0, eps: float = 1e-6) -> FidVsN:
-  """FID@N of generated features against reference statistics, and FID_inf by 1/N extrapolation.
-
-  Each size N_i < N is measured on `repeats` random subsets (without replacement, drawn from
-  np.random.default_rng(seed), so the result is deterministic) and averaged; N_i = N uses all
-  features once. Then FID(N_i) = FID_inf + k / N_i is fitted by least squares.
-
-  Args:
-    feats: (N, D) generated features.
-    mu_ref: (D,) reference (training-set) mean.
-    sigma_ref: (D, D) reference covariance.
-    sizes: subset sizes, each in [2, N]; default `default_sizes(N)` (8 sizes from N/5 to N).
-    repeats: random subsets per size below N.
-    seed: seed of the subset draws.
-    eps: passed to `frechet_distance`.
-
-  Returns:
-    A `FidVsN`; `fid` is FID@N (all features), `fid_inf` the extrapolated estimate.
-  """
-  feats = np.asarray(feats)
-  n = len(feats)
-  sizes = default_sizes(n) if sizes is None else np.unique(np.asarray(sizes, np.int64))
-  if sizes.min() < 2 or sizes.max() > n:
-    raise ValueError(f'subset sizes must lie in [2, {n}], got {sizes}')
-  rng = np.random.default_rng(seed)
-  fids = []
-  for size in sizes:
-    draws = 1 if size == n else repeats
-    values = []
-    for _ in range(draws):
-      subset = feats if size == n else feats[np.sort(rng.choice(n, size, replace=False))]
-      mu, sigma = stats_from_features(subset)
-      values.append(frechet_distance(mu, sigma, mu_ref, sigma_ref, eps))
-    fids.append(np.mean(values))
-  fids = np.asarray(fids)
-  fid_n = fids[-1] if sizes[-1] == n else frechet_distance(*stats_from_features(feats), mu_ref,
-                                                            sigma_ref, eps)
-  fid_inf, k = fit_inverse_n(sizes, fids)
-  return FidVsN(fid=float(fid_n), fid_inf=fid_inf, k=k, n=n, sizes=sizes, fids=fids)

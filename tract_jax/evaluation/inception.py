@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tract_jax import paths
+from tract_jax import parallel, paths
 from tract_jax.evaluation.preprocess import DEFAULT_RESIZE, INPUT_SIZE, check_resize, preprocess
 MIN_INPUT_SIZE = 75  # smallest input for which every VALID convolution and pool has an output
 FEATURE_DIM = 2048
@@ -268,16 +268,6 @@ def save_variables(path: str, variables) -> None:
 # ---------------------------------------------------------------------------------------------------
 # The feature function.
 # ---------------------------------------------------------------------------------------------------
-def _local_rows(x) -> np.ndarray:
-  """This process's rows of a batch-sharded array (all rows in a single-process run)."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  blocks = {}
-  for shard in x.addressable_shards:
-    blocks.setdefault(shard.index[0].start or 0, shard.data)  # replicas over other axes: keep one
-  return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
-
-
 class InceptionFeatures:
   """Callable: images in [-1, 1] -> (N, 2048) pool3 features, in jitted batches.
 
@@ -376,7 +366,8 @@ class InceptionFeatures:
       pad = self.local_batch - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad,) + images.shape[1:], np.float32)])
-      out.append(_local_rows(self._run(chunk))[:self.local_batch - pad])
+      rows, _ = parallel.local_rows(self._run(chunk))  # this process's rows of the batch
+      out.append(rows[:self.local_batch - pad])
     return np.concatenate(out)[:n]
 
   def stats(self, batches):

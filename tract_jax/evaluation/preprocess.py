@@ -7,6 +7,8 @@ from typing import Tuple
 import jax.numpy as jnp
 import numpy as np
 
+from tract_jax import quantize
+
 INPUT_SIZE = 299
 
 RESIZE_METHODS = ('torch', 'tf1')
@@ -104,10 +106,9 @@ def resize_bilinear(images, size: Tuple[int, int], resize: str = DEFAULT_RESIZE)
 
 
 def quantize_uint8(images):
-  """[-1, 1] -> the nearest of the 256 uint8 levels, back in [-1, 1], as the paper's code does:
-  round(127.5 (x + 1)) (half to even, like torch.round), clamped to 0..255, then / 127.5 - 1."""
-  levels = jnp.clip(jnp.round(127.5 * (images + 1.0)), 0.0, 255.0)
-  return levels / 127.5 - 1.0
+  """[-1, 1] -> the nearest of the 256 uint8 levels, back in [-1, 1], as the paper's code does
+  (quantize.py), in the images' dtype (traceable)."""
+  return quantize.from_levels(quantize.uint8_levels(images, jnp))
 
 
 def preprocess(images, size: int = INPUT_SIZE, quantize: bool = True, resize: str = DEFAULT_RESIZE):

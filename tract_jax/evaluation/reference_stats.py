@@ -78,32 +78,45 @@ def dataset_stats(source, features: Callable[[np.ndarray], np.ndarray], batch_si
   return stats, (np.concatenate(kept) if keep_features else None)
 
 
-def main(argv=None):
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description='Training-set Inception statistics for FID and KID.')
-  parser.add_argument('--dataset', required=True, help="tract_jax.data dataset name, e.g. 'cifar10'")
-  parser.add_argument('--inception', required=True, help='converted FID Inception weights (.npz)')
-  parser.add_argument('--output', required=True, help='statistics file to write (.npz)')
-  parser.add_argument('--data_dir', default=None, help='TFDS data directory')
-  parser.add_argument('--max_images', type=int, default=None,
-                      help='a uniformly random subset of N images (default: the whole split)')
-  parser.add_argument('--resize', default='torch', choices=('torch', 'tf1'),
-                      help="'torch': PyTorch half-pixel bilinear, the paper's code (default)")
-  parser.add_argument('--kid_features', type=int, default=DEFAULT_KID_FEATURES,
-                      help='features of this many random images kept for KID (0: none)')
-  parser.add_argument('--seed', type=int, default=0, help='seed of the random subsets')
-  parser.add_argument('--batch_size', type=int, default=500)
-  args = parser.parse_args(argv)
+def _define_flags():
+  """Flags are defined only when run as a program (no clash with other modules' flags)."""
+  from absl import flags
+  flags.DEFINE_string('dataset', None, "tract_jax.data dataset name (data.name), e.g. 'cifar10'.")
+  flags.DEFINE_string('inception', None, 'Converted FID Inception weights (.npz).')
+  flags.DEFINE_string('output', None, 'Statistics file to write (.npz).')
+  flags.DEFINE_string('data_dir', None, 'TFDS data directory.')
+  flags.DEFINE_integer('max_images', None, 'A uniformly random subset of N images (default: the '
+                       'whole split).')
+  flags.DEFINE_enum('resize', 'torch', ['torch', 'tf1'],
+                    "'torch': PyTorch half-pixel bilinear, the paper's code (default).")
+  flags.DEFINE_integer('kid_features', DEFAULT_KID_FEATURES,
+                       'Features of this many random images kept for KID (0: none).')
+  flags.DEFINE_integer('seed', 0, 'Seed of the random subsets.')
+  flags.DEFINE_integer('batch_size', 500, 'Images per Inception call (rounded up to the devices).')
+  flags.mark_flags_as_required(['dataset', 'inception', 'output'])
 
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
-  from tract_jax import data  # pylint: disable=g-import-not-at-top
-  from tract_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
 
+def main(argv):
+  import sys
+
+  import jax
+  import ml_collections
+  from absl import app, flags
+  from jax.sharding import Mesh
+  from tract_jax import data
+  from tract_jax.errors import ConfigError
+  from tract_jax.evaluation import inception
+
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  args = flags.FLAGS
   config = ml_collections.ConfigDict({'name': args.dataset, 'data_dir': args.data_dir,
                                       'random_flip': False})
-  source = data.load_source(config)
+  try:
+    source = data.load_source(config)
+  except ConfigError as e:
+    print(f'Configuration error: {e}', file=sys.stderr)
+    sys.exit(2)
   devices = jax.local_devices()
   mesh = Mesh(np.asarray(devices), ('data',)) if len(devices) > 1 else None
   batch_size = -(-args.batch_size // len(devices)) * len(devices)  # round up to the device count
@@ -125,4 +138,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  from absl import app as _app
+  _define_flags()
+  _app.run(main)

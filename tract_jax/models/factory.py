@@ -11,11 +11,20 @@ import jax
 import jax.numpy as jnp
 
 from tract_jax import diffusion, parallel
+from tract_jax.default_config import FSDP_MIN_SIZE
 from tract_jax.errors import ConfigError
 from tract_jax.models.edm_networks import DhariwalUNet, SongUNet
 from tract_jax.models.unet import UNet
 
-ARCHS = ('ddpm', 'edm_song', 'edm_dhariwal')
+# model.arch -> what the network is (export's sidecar says it too).
+ARCHS = {
+    'ddpm': 'UNet of the published JAX/Flax diffusion-distillation teachers '
+            '(tract_jax.models.unet.UNet); parameter names as in those teachers',
+    'edm_song': "EDM's SongUNet (tract_jax.models.edm_networks); parameter names as EDM's below "
+                "the preconditioner's `model.`",
+    'edm_dhariwal': "EDM's DhariwalUNet (tract_jax.models.edm_networks); parameter names as EDM's "
+                    "below the preconditioner's `model.`",
+}
 
 
 def build_model(model_config, dropout: float = 0.0, *, trained: bool = False,
@@ -28,11 +37,11 @@ def build_model(model_config, dropout: float = 0.0, *, trained: bool = False,
   computing in model.teacher_dtype ('' = model.dtype). Parameters are float32 and named alike in
   every variant, so one parameter tree serves them all.
   """
-  dtype = model_config.get('dtype', 'float32')
+  dtype = model_config.dtype
   if teacher:
-    dtype = model_config.get('teacher_dtype', '') or dtype
-  remat = model_config.get('remat', 'none') if trained else 'none'
-  arch = model_config.get('arch', 'ddpm')
+    dtype = model_config.teacher_dtype or dtype
+  remat = model_config.remat if trained else 'none'
+  arch = model_config.arch
   if arch in ('edm_song', 'edm_dhariwal'):
     return _build_edm(model_config, arch, dropout, dtype, remat)
   if arch != 'ddpm':
@@ -42,8 +51,7 @@ def build_model(model_config, dropout: float = 0.0, *, trained: bool = False,
               attn_resolutions=tuple(model_config.attn_resolutions),
               num_heads=model_config.num_heads, head_dim=model_config.head_dim, dropout=dropout,
               out_ch=model_config.out_ch, num_classes=model_config.num_classes,
-              num_groups=model_config.num_groups, conv_impl=model_config.conv_impl, dtype=dtype,
-              remat=remat)
+              num_groups=model_config.num_groups, dtype=dtype, remat=remat)
 
 
 def _build_edm(model_config, arch: str, dropout: float, dtype, remat):
@@ -83,7 +91,7 @@ def _init_fn(model: UNet, image_shape):
   return lambda key: model.init(key, x, jnp.zeros((1,)), labels, train=False)['params']
 
 
-def abstract_params(model: UNet, image_shape, mesh=None, fsdp_min_size: int = 2**18):
+def abstract_params(model: UNet, image_shape, mesh=None, fsdp_min_size: int = FSDP_MIN_SIZE):
   """The parameter tree as ShapeDtypeStructs (nothing allocated); with a mesh they carry the
   shardings parameters get on it (replicated, or FSDP-sharded when mesh.fsdp > 1)."""
   try:

@@ -45,7 +45,7 @@ from jax import lax
 from tract_jax.diffusion import network_time_input as logsnr_to_input
 
 __all__ = ['UNet', 'ResnetBlock', 'AttnBlock', 'timestep_embedding', 'logsnr_to_input',
-           'im2col_conv_general_dilated', 'count_params', 'canonical_dtype', 'canonical_remat',
+           'count_params', 'canonical_dtype', 'canonical_remat',
            'DTYPES', 'REMAT_MODES']
 
 GN_EPS = 1e-6
@@ -75,83 +75,9 @@ def canonical_remat(remat) -> str:
   return remat
 
 
-# ----------------------------------------------------------------------------------------------------
-# An im2col convolution (one matmul per conv; an alternative to XLA's conv on CPU)
-# ----------------------------------------------------------------------------------------------------
-
-def _is_channels_last(dimension_numbers, ndim: int) -> bool:
-  """True when `dimension_numbers` (as built by nn.Conv) means NHWC / HWIO / NHWC."""
-  if dimension_numbers is None:
-    return False
-  if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
-    lhs, rhs, out = dimension_numbers
-    spatial = tuple(range(1, ndim - 1))
-    return (tuple(lhs) == (0, ndim - 1) + spatial and tuple(out) == tuple(lhs)
-            and tuple(rhs) == (ndim - 1, ndim - 2) + tuple(range(ndim - 2)))
-  if isinstance(dimension_numbers, (tuple, list)) and len(dimension_numbers) == 3:
-    return tuple(dimension_numbers) == ('NHWC', 'HWIO', 'NHWC') and ndim == 4
-  return False
-
-
-def im2col_conv_general_dilated(lhs, rhs, window_strides=None, padding='SAME', lhs_dilation=None,
-                                rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                                batch_group_count=1, precision=None, preferred_element_type=None):
-  """Drop-in for `lax.conv_general_dilated` (as called by `nn.Conv`) using shifted slices + one matmul.
-
-  Handles the NHWC/HWIO case with stride 1, no dilation and one feature group: the kh*kw shifted
-  slices of the padded input are concatenated on the channel axis and multiplied with the kernel
-  reshaped to (kh*kw*Cin, Cout). On CPU, XLA's weight gradient of this is a single large matmul,
-  much faster than the gradient of `lax.conv_general_dilated` (DESIGN.md). Any other case falls back
-  to `lax.conv_general_dilated`, so the result is always the same convolution.
-  """
-  nsp = lhs.ndim - 2
-  ones = (1,) * nsp
-  strides = tuple(window_strides) if window_strides is not None else ones
-  lhs_dil = tuple(lhs_dilation) if lhs_dilation is not None else ones
-  rhs_dil = tuple(rhs_dilation) if rhs_dilation is not None else ones
-  simple = (nsp == 2 and strides == ones and lhs_dil == ones and rhs_dil == ones
-            and feature_group_count == 1 and batch_group_count == 1
-            and _is_channels_last(dimension_numbers, lhs.ndim))
-  if not simple:
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides=strides, padding=padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-        precision=precision, preferred_element_type=preferred_element_type)
-
-  kh, kw, cin, cout = rhs.shape
-  b, h, w, c = lhs.shape
-  assert c == cin, (lhs.shape, rhs.shape)
-  if isinstance(padding, str):
-    pads = lax.padtype_to_pads((h, w), (kh, kw), ones, padding)
-  else:
-    pads = [tuple(p) for p in padding]
-  pads = [(int(lo), int(hi)) for lo, hi in pads]
-  if any(p != (0, 0) for p in pads):
-    if any(lo < 0 or hi < 0 for lo, hi in pads):  # negative padding: leave it to XLA
-      return lax.conv_general_dilated(lhs, rhs, strides, padding, dimension_numbers=dimension_numbers,
-                                      precision=precision,
-                                      preferred_element_type=preferred_element_type)
-    xp = jnp.pad(lhs, [(0, 0), pads[0], pads[1], (0, 0)])
-  else:
-    xp = lhs
-  ho = xp.shape[1] - kh + 1
-  wo = xp.shape[2] - kw + 1
-  if kh == 1 and kw == 1:
-    patches = xp
-  else:
-    patches = jnp.concatenate(
-        [xp[:, dy:dy + ho, dx:dx + wo, :] for dy in range(kh) for dx in range(kw)], axis=-1)
-  out = lax.dot_general(
-      patches.reshape(b * ho * wo, kh * kw * cin), rhs.reshape(kh * kw * cin, cout),
-      (((1,), (0,)), ((), ())), precision=precision,
-      preferred_element_type=preferred_element_type)
-  return out.reshape(b, ho, wo, cout)
-
-
-def _conv(features: int, name: str, conv_impl: str, zero_init: bool = False, dtype=jnp.float32,
+def _conv(features: int, name: str, zero_init: bool = False, dtype=jnp.float32,
           float32_output: bool = False) -> nn.Conv:
-  """A 3x3 SAME stride-1 convolution with the requested implementation (same parameter tree).
+  """A 3x3 SAME stride-1 convolution (XLA's: on CPU an im2col matmul measured slower, DESIGN.md).
 
   Computes in `dtype` with float32 parameters; `float32_output` accumulates and returns float32
   (used for conv_out, so a bf16 network still returns float32 without a last bf16 rounding).
@@ -159,16 +85,9 @@ def _conv(features: int, name: str, conv_impl: str, zero_init: bool = False, dty
   kwargs: dict[str, Any] = {}
   if zero_init:
     kwargs['kernel_init'] = nn.initializers.zeros
-  if conv_impl == 'im2col':
-    conv_fn = im2col_conv_general_dilated
-  elif conv_impl == 'xla':
-    conv_fn = lax.conv_general_dilated
-  else:
-    raise ValueError(f"conv_impl must be 'xla' or 'im2col', got {conv_impl!r}")
   if float32_output and jnp.dtype(dtype) != jnp.float32:
-    conv_fn = functools.partial(conv_fn, preferred_element_type=jnp.float32)
-  if conv_fn is not lax.conv_general_dilated:
-    kwargs['conv_general_dilated'] = conv_fn
+    kwargs['conv_general_dilated'] = functools.partial(lax.conv_general_dilated,
+                                                       preferred_element_type=jnp.float32)
   return nn.Conv(features=features, kernel_size=(3, 3), strides=(1, 1), padding='SAME', name=name,
                  dtype=dtype, param_dtype=jnp.float32, **kwargs)
 
@@ -217,7 +136,6 @@ class ResnetBlock(nn.Module):
   dropout: float = 0.0
   resample: Optional[str] = None  # None, 'down' or 'up'
   num_groups: int = 32
-  conv_impl: str = 'xla'
   dtype: Any = jnp.float32        # computation dtype of convs / nin_shortcut / activations
 
   @nn.compact
@@ -231,7 +149,7 @@ class ResnetBlock(nn.Module):
     if self.resample is not None:
       fn = {'down': _avgpool_down, 'up': _nearest_up}[self.resample]
       h, x = fn(h), fn(x)
-    h = _conv(out_ch, 'conv1', self.conv_impl, dtype=dtype)(h)
+    h = _conv(out_ch, 'conv1', dtype=dtype)(h)
     # FiLM from the float32 embedding; (1 + scale) and shift are formed in float32, then cast.
     emb_out = nn.Dense(2 * out_ch, name='temb_proj', dtype=jnp.float32,
                        param_dtype=jnp.float32)(nn.swish(emb))[:, None, None, :]
@@ -241,7 +159,7 @@ class ResnetBlock(nn.Module):
     h = nn.swish(h)
     if train and self.dropout > 0:
       h = nn.Dropout(rate=self.dropout, deterministic=False)(h)  # uses the 'dropout' rng
-    h = _conv(out_ch, 'conv2', self.conv_impl, zero_init=True, dtype=dtype)(h)
+    h = _conv(out_ch, 'conv2', zero_init=True, dtype=dtype)(h)
     if c != out_ch:
       x = nn.Dense(out_ch, name='nin_shortcut', dtype=dtype, param_dtype=jnp.float32)(x)
     return x + h
@@ -310,7 +228,6 @@ class UNet(nn.Module):
   out_ch: int = 3
   num_classes: int = 0       # 0 = unconditional (no class_emb module at all)
   num_groups: int = 32       # GroupNorm groups, min(num_groups, channels) per norm
-  conv_impl: str = 'xla'     # 'xla' = lax.conv_general_dilated, 'im2col' = one-matmul conv
   dtype: Any = jnp.float32   # computation dtype: jnp.float32 / 'float32' or jnp.bfloat16 / 'bfloat16'
   remat: Any = 'none'        # 'none' | 'blocks' (or False | True): nn.remat on every res/attn block
 
@@ -337,7 +254,7 @@ class UNet(nn.Module):
       block_cls = nn.remat(ResnetBlock, static_argnums=(3,))
       attn_cls = nn.remat(AttnBlock)
     block = functools.partial(block_cls, dropout=self.dropout, num_groups=self.num_groups,
-                              conv_impl=self.conv_impl, dtype=dtype)
+                              dtype=dtype)
     attn = functools.partial(attn_cls, num_heads=self.num_heads, head_dim=self.head_dim,
                              num_groups=self.num_groups, dtype=dtype)
 
@@ -359,7 +276,7 @@ class UNet(nn.Module):
       emb = emb + nn.Dense(self.emb_ch, name='class_emb')(y_onehot)
 
     # Downsampling path.
-    hs = [_conv(self.ch, 'conv_in', self.conv_impl, dtype=dtype)(x)]
+    hs = [_conv(self.ch, 'conv_in', dtype=dtype)(x)]
     for i in range(nres):
       for j in range(self.num_res_blocks):
         h = block(out_ch=self.ch * self.ch_mult[i], name=f'down_{i}.block_{j}')(
@@ -389,7 +306,7 @@ class UNet(nn.Module):
 
     # Output.
     h = nn.swish(_group_norm('norm_out', h.shape[-1], self.num_groups, dtype)(h))
-    out = _conv(self.out_ch, 'conv_out', self.conv_impl, zero_init=True, dtype=dtype,
+    out = _conv(self.out_ch, 'conv_out', zero_init=True, dtype=dtype,
                 float32_output=True)(h)
     return out.astype(jnp.float32)
 

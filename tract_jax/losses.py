@@ -1,4 +1,5 @@
-"""One pure loss function per method: teacher denoising, BTD and TRACT (spec sections 3-6).
+"""The DDIM losses, one pure function each: teacher denoising, BTD and TRACT (spec sections 3-6).
+EDM's losses are in edm.py; the method records (methods/) wire either into the train step.
 
 Every function takes a `denoise(params, z_t, t, labels, dropout_rng=None) -> x_hat` callable (the
 network plus its output reconciliation, models/factory.py), parameter trees, a batch of real images
