@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import timed_step  # noqa: E402  (benchmarks/timed_step.py: the train step over the shared builder)
-from tract_jax import data, methods, parallel  # noqa: E402
+from tract_jax import data, devices, methods, parallel  # noqa: E402
 from tract_jax.models import factory  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -74,6 +74,9 @@ def measure(config, method, batch, steps, rounds, log=print):
 def main(argv):
   del argv
   config = FLAGS.config
+  if FLAGS.batch:
+    config.batch_size = config.teacher_training.batch_size = FLAGS.batch
+  devices.configure(config)  # CPU: one device per core, as training does (cpu_devices)
   measure(config, FLAGS.method, FLAGS.batch or config.batch_size, FLAGS.steps, FLAGS.rounds)
 
 

@@ -36,7 +36,7 @@ import flops  # noqa: E402  (benchmarks/flops.py)
 import measure  # noqa: E402  (benchmarks/measure.py)
 import tables  # noqa: E402  (benchmarks/tables.py)
 import timed_step  # noqa: E402  (benchmarks/timed_step.py)
-from tract_jax import data, methods, parallel  # noqa: E402
+from tract_jax import data, devices, methods, parallel  # noqa: E402
 from tract_jax.errors import ConfigError  # noqa: E402
 from tract_jax.models import factory  # noqa: E402
 from tract_jax.models.unet import count_params  # noqa: E402
@@ -213,8 +213,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
+  if FLAGS.batch:
+    config.batch_size = config.teacher_training.batch_size = FLAGS.batch
   cache_dir, fresh = measure.setup_compilation_cache(FLAGS.compile_cache)
   try:
+    devices.configure(config)  # CPU: one device per core, as training does (cpu_devices)
     result = run_benchmarks(
         config, FLAGS.batch or config.batch_size, FLAGS.steps, FLAGS.what,
         [int(s) for s in FLAGS.sample_steps or ()], FLAGS.peak_size,

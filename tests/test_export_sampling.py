@@ -66,6 +66,7 @@ def _perturbed_student(config, run_dir):
   checkpoints.save_params(os.path.join(run_dir, 'phase_0_ema'), params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('parametrisation', ['ddim', 'edm'])
 def test_exported_student_samples_like_mode_sample(tmp_path, parametrisation):
   if parametrisation == 'ddim':

@@ -53,6 +53,7 @@ def _tract_without_self_teacher():
                      schedule=tract.validate_schedule, default_schedule=tract.one_phase)
 
 
+@pytest.mark.slow
 def test_a_new_method_is_one_record_and_one_registry_entry(monkeypatch):
   record = _tract_without_self_teacher()
   monkeypatch.setattr(methods, 'REGISTRY', methods.REGISTRY + (record,))

@@ -13,6 +13,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import throughput  # noqa: E402  (benchmarks/throughput.py)
 from tract_jax.errors import ConfigError  # noqa: E402
 
+pytestmark = pytest.mark.slow  # benchmark runs: compiles of every method's step
+
 
 def _tiny(method, **overrides):
   return tiny_config(method, **overrides)

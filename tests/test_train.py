@@ -142,15 +142,14 @@ def learned_teacher(tmp_path_factory):
 
 
 def test_tract_student_beats_the_undistilled_teacher(learned_teacher, tmp_path):
-  """After TRACT 16 -> 4 -> 1 the 1-step student's samples are at least 2x closer (RMSE) to the
-  teacher's 16-step samples from the same noise than the teacher's own 1-step samples, and score a
-  better digits FID."""
+  """After TRACT 16 -> 4 -> 1 the 1-step student's samples are much closer (RMSE ratio below 0.6;
+  0.48 when written) to the teacher's 16-step samples from the same noise than the teacher's own
+  1-step samples, and its digits FID is at most 0.7x the undistilled teacher's (0.50 then)."""
   config = tiny_config('tract', teacher_checkpoint=learned_teacher,
                        train_samples=2 * LEARN_PHASE_STEPS * 8)
   config.log_every = config.checkpoint_every = 10_000
   config.eval.metrics = ('agreement', 'digits_fid')
   config.eval.num_samples = 64
   result = train.train_and_evaluate(config, str(tmp_path))
-  print(result)
-  assert result['ratio'] < 0.5, result
-  assert result['digits_fid_student'] < result['digits_fid_undistilled'], result
+  assert result['ratio'] < 0.6, result
+  assert result['digits_fid_student'] < 0.7 * result['digits_fid_undistilled'], result
