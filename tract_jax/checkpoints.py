@@ -223,10 +223,16 @@ def load_params(path: str, like=None, field: str = 'teacher_checkpoint', mesh=No
     raise ConfigError(f'{field}={path!r}: an unfinished checkpoint (a save was interrupted: no '
                       'commit_success.txt); re-run the job that writes it')
   what = f'the parameters in {path}'
-  if like is None:
+  host_target = like is not None and not any(
+      getattr(x, 'sharding', None) is not None for x in jax.tree.leaves(like))
+  if like is None or host_target:
+    # Host arrays from the checkpoint's own metadata: the devices it records are never used, so
+    # a target without shardings (export, a laptop) reads what any topology wrote.
     restored, why = _retrying(lambda: read_host_arrays(path), what)
     if why is not None:
       raise ConfigError(f'{field}={path!r}: the checkpoint is unreadable ({why})')
+    if host_target:
+      return _checked(restored, like, path, field)
     if mesh is None:
       return restored
     like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), restored,
@@ -241,6 +247,16 @@ def load_params(path: str, like=None, field: str = 'teacher_checkpoint', mesh=No
     raise ConfigError(f'{field}={path!r}: the checkpoint does not match the configured model '
                       f'or is unreadable ({why[:500]})')
   # Orbax may hand back the stored shapes when they differ from the target's: check them.
+  return _checked(restored, like, path, field)
+
+
+def _checked(restored, like, path: str, field: str):
+  """`restored` when its tree and every shape are `like`'s, else one ConfigError line."""
+  if jax.tree.structure(restored) != jax.tree.structure(like):
+    have = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    want = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
+    raise ConfigError(f'{field}={path!r}: the checkpoint does not match the configured model '
+                      f'(missing {sorted(want - have)[:5]}, unexpected {sorted(have - want)[:5]})')
   wrong = [f'{jax.tree_util.keystr(k)}: {tuple(a.shape)} (expected {tuple(b.shape)})'
            for (k, a), b in zip(jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(like))
            if tuple(a.shape) != tuple(b.shape)]
