@@ -15,6 +15,6 @@ def get_config():
   config = demo.get_config()
   config.method = 'btd'
   config.time_schedule = ''                      # derived: 64,32,16,8,4,2,1
-  config.train_samples = 6 * 200 * 64            # the TRACT demo's 1,200 steps of batch 64
+  config.train_samples = 6 * 134 * 64            # about the TRACT demo's 800 steps of batch 64
   config.clip_x = True                           # BTD clips only when sampling (spec section 2)
   return config

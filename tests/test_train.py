@@ -141,6 +141,7 @@ def learned_teacher(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # 600 + 300 training steps: about 50 s
 def test_tract_student_beats_the_undistilled_teacher(learned_teacher, tmp_path):
   """After TRACT 16 -> 4 -> 1 the 1-step student's samples are much closer (RMSE ratio below 0.6;
   0.48 when written) to the teacher's 16-step samples from the same noise than the teacher's own

@@ -266,6 +266,11 @@ def _checked(restored, like, path: str, field: str):
   return restored
 
 
+def _host_copy_is_cheaper() -> bool:
+  """True for one process on CPU devices, where the state is already in host memory."""
+  return jax.process_count() == 1 and jax.default_backend() == 'cpu'
+
+
 class StateCheckpoints:
   """A CheckpointManager for the full train state; use as a context manager so that async saves are
   always finished before the interpreter exits."""
@@ -289,6 +294,13 @@ class StateCheckpoints:
   def save(self, step: int, state: Any, wait: bool = False) -> None:
     if step in self.manager.all_steps():  # already saved (a resumed run at a boundary)
       return
+    if _host_copy_is_cheaper():
+      # On CPU devices of one process, Orbax slices each replicated array per replica with eager
+      # device ops (thousands of dispatches for a train state): measured on the demo's TRACT state
+      # (2 CPU devices) 0.5-0.9 s blocking and 2 s in all per save, against 0.08 s and 0.7 s for one
+      # device_get of the whole state saved as NumPy arrays. Restores are the same (into the
+      # target's shardings, on any topology).
+      state = jax.device_get(state)
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
     if wait:
       self.manager.wait_until_finished()
