@@ -2,8 +2,9 @@
 
 XLA:CPU runs the small convolutions of a CPU-sized UNet with little intra-op parallelism, so one CPU
 device leaves cores idle. Several CPU devices, one batch shard each (the data parallelism a GPU or
-TPU mesh uses), keep them busy. Measured on a 2-core machine (README, "Performance"): the demo's
-teacher step 142 -> 87 ms and its TRACT step 212 -> 162 ms from 1 to 2 devices.
+TPU mesh uses), keep them busy. Measured on a 2-core machine (docs/performance.md, "CPU devices"):
+the demo's teacher step 124 -> 86 ms and its TRACT step 226 -> 167 ms from 1 to 2 devices; 4
+devices on the 2 cores were slower than 2 (105 and 172 ms).
 
 The count must be fixed before JAX starts its backend (jax_num_cpu_devices), so main.py applies
 it right after parsing the flags and train_and_evaluate again for in-process callers (a no-op once
