@@ -14,11 +14,11 @@ def get_config():
   config.teacher_steps = 64
   config.time_schedule = '64,8,1'
   config.batch_size = 64
-  # Sized for 5 minutes on 2 CPU cores (issue 23). Against the earlier 1,600 teacher steps (EMA 0.999)
-  # and 2 x 600 TRACT steps, measured on one 2-core machine (2026-12-06): 6 min 56 s -> 4 min 33 s;
-  # 1-step student RMSE ratio to the undistilled teacher 0.17 -> 0.19; digits FID teacher 9.40 ->
-  # 10.05, 1-step student 10.67 -> 11.38. Phases of 300 steps fell to ratio 0.20, a 1,000-step
-  # teacher to FID 12.97.
+  # Sized for 5 minutes on 2 CPU cores (issue 23). Against the earlier budget (1,600 teacher steps
+  # with EMA 0.999, 2 x 600 TRACT steps), on one 2-core machine (2026-12-06): 6 min 56 s -> 4 min
+  # 20 s wall (with the cheaper CPU checkpoints); 1-step student RMSE ratio to the undistilled
+  # teacher 0.17 -> 0.19; digits FID teacher 9.40 -> 10.05, 1-step student 10.67 -> 11.38. Phases
+  # of 300 steps gave ratio 0.20, a 1,000-step teacher FID 12.97.
   config.train_samples = 2 * 400 * 64   # two phases of 400 steps
   config.loss_reduction = 'sum'
   config.checkpoint_every = 500
