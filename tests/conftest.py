@@ -162,4 +162,3 @@ def pod_run(tmp_path_factory, tiny_teacher):
   assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-4000:])
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
   return root, json.loads(line[len('RESULT '):]), proc.stdout
-
