@@ -1,6 +1,7 @@
 """What a host read per step costs: the training step run back to back, as the step loop runs it,
 against the same with `int(state.phase)` read after every step (what the loop did before it kept
 the phase on the host), which makes the host wait for each step before it dispatches the next.
+On CPU devices both ways keep the step loop's bound on unfinished updates (loop.py).
 
   python benchmarks/host_sync.py [--config=configs/demo.py] [--method=tract] [--steps=100]
       [--rounds=3] [--batch=N]
@@ -9,6 +10,7 @@ Prints ms/step of both ways, alternating the two `--rounds` times (the median is
 one compile and one warm-up. benchmarks/throughput.py times one call to completion
 (block_until_ready), so it cannot show this difference by construction.
 """
+import collections
 import os
 import sys
 import time
@@ -25,7 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import timed_step  # noqa: E402  (benchmarks/timed_step.py: the train step over the shared builder)
-from tract_jax import data, devices, methods, parallel  # noqa: E402
+from tract_jax import data, devices, loop, methods, parallel  # noqa: E402
 from tract_jax.models import factory  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -41,10 +43,18 @@ if __name__ == '__main__':
 
 
 def timed_round(bench, steps: int, read_phase: bool) -> float:
-  """Seconds per step of `steps` updates dispatched back to back (one wait at the end)."""
+  """Seconds per step of `steps` updates dispatched back to back (one wait at the end; on CPU
+  devices, as in the step loop, at most loop.MAX_UPDATES_IN_FLIGHT updates unfinished, since
+  unbounded dispatch can deadlock XLA:CPU with several devices)."""
+  bound = loop.MAX_UPDATES_IN_FLIGHT if jax.devices()[0].platform == 'cpu' else None
+  in_flight = collections.deque()
   start = time.perf_counter()
   for _ in range(steps):
-    bench.run()
+    if bound is not None and len(in_flight) >= bound:
+      jax.block_until_ready(in_flight.popleft())
+    loss = bench.run()
+    if bound is not None:
+      in_flight.append(loss)
     if read_phase:
       int(bench.state.phase)  # a device-to-host read: the host waits for this step
   jax.block_until_ready(bench.state)

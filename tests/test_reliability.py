@@ -222,6 +222,43 @@ def test_signal_in_a_phase_last_update_waits_for_the_phase_end_save():
   assert recorder.saved == [4, 4]  # saved again (a no-op for Orbax), nothing past the boundary
 
 
+def test_cpu_loop_waits_on_the_update_two_back_before_dispatching(monkeypatch):
+  """On CPU devices the host stays at most MAX_UPDATES_IN_FLIGHT (2) updates ahead: before update k
+  is dispatched, update k-2's outputs were waited on (unbounded, XLA:CPU with 2 devices deadlocked
+  in the gradient all-reduce once the host got 32 updates ahead; loop.py says why)."""
+  from tract_jax import loop
+  assert loop.MAX_UPDATES_IN_FLIGHT == 2
+  events = []
+  real_wait = jax.block_until_ready
+
+  def wait(tree):
+    events.append(('wait', int(tree['update'])))
+    return real_wait(tree)
+
+  monkeypatch.setattr(jax, 'block_until_ready', wait)
+
+  def step_fn(state, batch):
+    k = int(state.step)
+    events.append(('dispatch', k))
+    return state.replace(step=state.step + 1), {'loss': np.float32(0), 'update': np.float32(k)}
+
+  recorder = _Recorder()
+  steps_loop = loop.StepLoop(tiny_config(log_every=100, checkpoint_every=100), step_fn,
+                             jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1),
+                                               ('data', 'fsdp')),
+                             recorder, recorder, total=6, images_per_step=8, scalar_prefix='t',
+                             signals=loop.SignalFlag())
+  batches = iter((s, {'image': np.zeros((8, 8, 8, 1), np.float32), 'label': np.zeros(8, np.int32)})
+                 for s in range(6))
+  steps_loop.run(_small_state(), batches, until=6, label='phase 0')
+  dispatched = [k for kind, k in events if kind == 'dispatch']
+  assert dispatched == list(range(6))
+  for k in range(6):
+    before = events[:events.index(('dispatch', k))]
+    waited = {j for kind, j in before if kind == 'wait'}
+    assert waited == set(range(k - 1)), (k, events)  # 0..k-2 finished, k-1 may still run
+
+
 def test_workdir_of_an_older_version_without_new_fields_is_not_refused(tmp_path):
   """A config.json written before a field existed (here data.image_size) resumes; a real change of
   a recorded field is still refused."""

@@ -4,8 +4,10 @@ checkpoint cadence, SIGTERM/SIGINT and the non-finite policy. The phase structur
 
 The loop keeps the step number on the host, so an update costs no device round trip: the state is
 read back only at log points and saves. With asynchronous dispatch, the next batch is read and copied
-to the devices while the current update runs.
+to the devices while the current update runs; on CPU devices the host stays at most
+MAX_UPDATES_IN_FLIGHT updates ahead (see there why).
 """
+import collections
 import itertools
 import signal
 import threading
@@ -20,6 +22,20 @@ from tract_jax.errors import ConfigError, NonFiniteError, Preempted
 # call and is the same on every process at the same call. Steps are not: the teacher's loop and the
 # distillation loop both count from 0, and a resumed run starts in the middle.
 _SYNC_CALLS = itertools.count()
+
+# How many dispatched updates may be unfinished when the next one is dispatched. Unbounded
+# asynchronous dispatch deadlocks XLA:CPU with several CPU devices (cpu_devices='auto' on a 2-core
+# machine; measured with JAX/jaxlib 0.10.2): each device's execution holds a thread of the CPU
+# client's worker pool (as many threads as cores, PJRT_NPROC overrides) for its whole run, including
+# the wait in the gradient all-reduce, and a launch blocked on the per-device in-flight limit (32)
+# holds one too. Once the host is 32 updates ahead, that launch and device 0's execution can take
+# both threads of a 2-core machine while device 1's half of the all-reduce never gets one: the job
+# hung, or aborted after XLA's 40 s collective timeout ("Termination timeout for all reduce ...
+# only 1 of them arrived"); 2 of about 14 concurrent 600-update runs under load did. Waiting on the
+# update two back keeps one update queued behind the running one, so the devices do not idle between
+# updates. The bound applies to CPU devices only: GPU and TPU runtimes do not run a collective's
+# halves on a shared host thread pool, and a deeper queue hides host stalls there.
+MAX_UPDATES_IN_FLIGHT = 2
 
 
 class SignalFlag:
@@ -99,12 +115,19 @@ class StepLoop:
     if self.progress is None:
       self.progress = writers.Progress(self.total, self.images_per_step)
     config = self.config
+    in_flight = collections.deque()  # metrics of dispatched updates, oldest first
+    bound = MAX_UPDATES_IN_FLIGHT if self.mesh.devices.flat[0].platform == 'cpu' else None
     while step < until:
       self._stop_if_signalled(step, state, label)
       batch_step, batch = next(batches)
       if batch_step != step:
         raise RuntimeError(f'input pipeline out of step: batch {batch_step} for update {step}')
-      state, metrics = self.step_fn(state, parallel.global_batch(batch, self.mesh))
+      global_batch = parallel.global_batch(batch, self.mesh)
+      if bound is not None and len(in_flight) >= bound:
+        jax.block_until_ready(in_flight.popleft())
+      state, metrics = self.step_fn(state, global_batch)
+      if bound is not None:
+        in_flight.append(metrics)
       step += 1
       if step % config.log_every == 0 or step in (1, until):
         self.check_finite(state, label)
