@@ -44,7 +44,8 @@ setup(
         # tests/test_gcs.py runs gs:// jobs against gcp-storage-emulator (tested: 2026.7.19, gcsfs
         # 2026.10.1 with fsspec 2026.9.0); without them those tests are skipped.
         # benchmarks/quality_sweep.py draws its plot with matplotlib (tested: 3.11.2).
-        'test': ['pytest>=8,<10', 'nbclient>=0.10,<0.12', 'ipykernel>=6.29,<8', 'nbformat>=5.10,<6',
+        # .ci/run runs the slow tier on 2 pytest-xdist workers (tested: pytest-xdist 3.8.0).
+        'test': ['pytest>=8,<10', 'pytest-xdist>=3.8,<4', 'nbclient>=0.10,<0.12', 'ipykernel>=6.29,<8', 'nbformat>=5.10,<6',
                  'gcp-storage-emulator>=2026.7.19,<2027', 'gcsfs>=2026.10.1,<2027',
                  'matplotlib>=3.9,<4'],
         'bench': ['matplotlib>=3.9,<4'],

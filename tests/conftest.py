@@ -162,3 +162,22 @@ def pod_run(tmp_path_factory, tiny_teacher):
   assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-4000:])
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
   return root, json.loads(line[len('RESULT '):]), proc.stdout
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """Groups for pytest-xdist's `--dist loadgroup` (.ci/run's slow tier on 2 workers), so that no
+  shared job runs twice: every test of the session's 8-device `pod_run` goes to one worker, and so do
+  the tests of a module that share a module-scoped fixture (a trained teacher, a 2-process job, the
+  GCS emulator). The other tests go to whichever worker is free."""
+  del config
+  for item in items:
+    if 'pod_run' in getattr(item, 'fixturenames', ()):
+      group = 'pod_run'
+    else:
+      defs = getattr(getattr(item, '_fixtureinfo', None), 'name2fixturedefs', {})
+      shared = sorted(name for name, fixturedefs in defs.items()
+                      if fixturedefs and fixturedefs[-1].scope == 'module')
+      group = f'{item.module.__name__}:{shared[0]}' if shared else None
+    if group:
+      item.add_marker(pytest.mark.xdist_group(group))
