@@ -140,6 +140,7 @@ def nan_batch_at(monkeypatch, bad_step):
   monkeypatch.setattr(steps, 'make_train_step', make)
 
 
+@pytest.mark.slow  # two teacher runs through train_teacher: 28 s cold on 2 cores
 @pytest.mark.parametrize('mode', ['stop', 'skip'])
 def test_non_finite_loss_stops_or_skips_without_writing_nans(tmp_path, monkeypatch, mode):
   config = tiny_config('teacher', nonfinite=mode, checkpoint_every=2, log_every=100)
@@ -160,6 +161,7 @@ def test_non_finite_loss_stops_or_skips_without_writing_nans(tmp_path, monkeypat
     assert int(state['nonfinite_count']) == 1 and int(state['first_nonfinite']) == 3
 
 
+@pytest.mark.slow  # four runs of the driver (29 s cold); protect() itself is checked in-process below
 def test_incompatible_workdir_is_refused_unless_overwrite(tmp_path, capsys):
   config = tiny_config('teacher')
   config.teacher_training.train_steps = 2

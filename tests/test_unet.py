@@ -244,6 +244,7 @@ def test_dtype_and_remat_keep_the_parameter_tree():
         {'params': jax.random.key(0)}, *_tiny_inputs(), train=False))
 
 
+@pytest.mark.slow  # compiles the UNet's gradient in bf16 and f32: 19 s cold on 2 cores
 def test_bf16_forward_backward_close_to_f32():
   """bf16 has an 8-bit significand: each rounding is off by at most u = 2**-9 = 1.95e-3 relative.
   The tiny network chains ~20 roundings (convs, norms, attention, residual adds) on every path, and
@@ -263,6 +264,7 @@ def test_bf16_forward_backward_close_to_f32():
   np.testing.assert_allclose(l16, l32, rtol=2e-2)
 
 
+@pytest.mark.slow  # compiles the UNet's gradient with and without remat: 11 s cold
 def test_remat_gives_the_same_gradients():
   """nn.remat recomputes each block's forward in the backward pass: the same operations on the same
   values, so exact arithmetic gives identical gradients. XLA fuses the recomputed (optimisation-
