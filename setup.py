@@ -48,7 +48,8 @@ setup(
         # 3.8.0). pytest stays below 9: xdist 3.8's `--dist loadgroup` renames item._nodeid, which
         # pytest 9.2 no longer reads, so its groups are ignored there (measured: the session's
         # 8-device job then ran on both workers).
-        'test': ['pytest>=8.4,<9', 'pytest-xdist>=3.8,<4', 'nbclient>=0.10,<0.12', 'ipykernel>=6.29,<8', 'nbformat>=5.10,<6',
+        'test': ['pytest>=8.4,<9', 'pytest-xdist>=3.8,<4', 'nbclient>=0.10,<0.12',
+                 'ipykernel>=6.29,<8', 'nbformat>=5.10,<6',
                  'gcp-storage-emulator>=2026.7.19,<2027', 'gcsfs>=2026.10.1,<2027',
                  'matplotlib>=3.9,<4'],
         'bench': ['matplotlib>=3.9,<4'],

@@ -10,7 +10,6 @@ Prints ms/step of both ways, alternating the two `--rounds` times (the median is
 one compile and one warm-up. benchmarks/throughput.py times one call to completion
 (block_until_ready), so it cannot show this difference by construction.
 """
-import collections
 import os
 import sys
 import time
@@ -46,15 +45,11 @@ def timed_round(bench, steps: int, read_phase: bool) -> float:
   """Seconds per step of `steps` updates dispatched back to back (one wait at the end; on CPU
   devices, as in the step loop, at most loop.MAX_UPDATES_IN_FLIGHT updates unfinished, since
   unbounded dispatch can deadlock XLA:CPU with several devices)."""
-  bound = loop.MAX_UPDATES_IN_FLIGHT if jax.devices()[0].platform == 'cpu' else None
-  in_flight = collections.deque()
+  dispatch = loop.DispatchBound(jax.devices()[0].platform)
   start = time.perf_counter()
   for _ in range(steps):
-    if bound is not None and len(in_flight) >= bound:
-      jax.block_until_ready(in_flight.popleft())
-    loss = bench.run()
-    if bound is not None:
-      in_flight.append(loss)
+    dispatch.wait_for_room()
+    dispatch.dispatched(bench.run())
     if read_phase:
       int(bench.state.phase)  # a device-to-host read: the host waits for this step
   jax.block_until_ready(bench.state)

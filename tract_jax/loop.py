@@ -38,6 +38,23 @@ _SYNC_CALLS = itertools.count()
 MAX_UPDATES_IN_FLIGHT = 2
 
 
+class DispatchBound:
+  """Keeps the host at most MAX_UPDATES_IN_FLIGHT updates ahead on CPU devices (no bound elsewhere):
+  `wait_for_room()` before dispatching an update, `dispatched(outputs)` with any of its outputs."""
+
+  def __init__(self, platform: str):
+    self.bound = MAX_UPDATES_IN_FLIGHT if platform == 'cpu' else None
+    self._in_flight = collections.deque()  # outputs of dispatched updates, oldest first
+
+  def wait_for_room(self):
+    if self.bound is not None and len(self._in_flight) >= self.bound:
+      jax.block_until_ready(self._in_flight.popleft())
+
+  def dispatched(self, outputs):
+    if self.bound is not None:
+      self._in_flight.append(outputs)
+
+
 class SignalFlag:
   """Turns SIGTERM/SIGINT into something the loop checks before each step (so that it can save first).
 
@@ -115,19 +132,16 @@ class StepLoop:
     if self.progress is None:
       self.progress = writers.Progress(self.total, self.images_per_step)
     config = self.config
-    in_flight = collections.deque()  # metrics of dispatched updates, oldest first
-    bound = MAX_UPDATES_IN_FLIGHT if self.mesh.devices.flat[0].platform == 'cpu' else None
+    dispatch = DispatchBound(self.mesh.devices.flat[0].platform)
     while step < until:
       self._stop_if_signalled(step, state, label)
       batch_step, batch = next(batches)
       if batch_step != step:
         raise RuntimeError(f'input pipeline out of step: batch {batch_step} for update {step}')
       global_batch = parallel.global_batch(batch, self.mesh)
-      if bound is not None and len(in_flight) >= bound:
-        jax.block_until_ready(in_flight.popleft())
+      dispatch.wait_for_room()
       state, metrics = self.step_fn(state, global_batch)
-      if bound is not None:
-        in_flight.append(metrics)
+      dispatch.dispatched(metrics)
       step += 1
       if step % config.log_every == 0 or step in (1, until):
         self.check_finite(state, label)
