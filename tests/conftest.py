@@ -153,7 +153,7 @@ def same_arrays(a, b) -> bool:
 @pytest.fixture(scope='session')
 def pod_run(tmp_path_factory, tiny_teacher):
   """Slow tier: tests/pod_job.py once per session, in a subprocess with 8 simulated CPU devices
-  (driver runs on data-8 and FSDP 2x4 meshes, sharded-step equivalence, cross-mesh restores).
+  (the tiny job and BTD on an FSDP 2x4 mesh, evaluate and sample, a restore into FSDP shardings).
   Returns (root folder, its JSON results, its output)."""
   import json
   root = str(tmp_path_factory.mktemp('pod'))

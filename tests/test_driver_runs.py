@@ -1,47 +1,15 @@
 """Slow tier: the driver in-process for the methods and model kinds the default tier's end-to-end
-run (test_train.py, TRACT) does not cover: BTD's phases from the session's teacher, and a
-class-conditional TRACT job."""
+run (test_train.py, TRACT) does not cover: a class-conditional TRACT job (BTD's phases from the
+session's teacher: test_multidevice.py, beside the same job on 8 devices)."""
 import os
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_config
 from tract_jax import train
 
 pytestmark = pytest.mark.slow
-
-
-def _tree(path):
-  with ocp.StandardCheckpointer() as ckptr:
-    return [np.asarray(x) for x in jax.tree.leaves(ckptr.restore(path))]
-
-
-def _same(a, b):
-  return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-
-
-def test_btd_phases_from_a_teacher_checkpoint(tiny_teacher, tmp_path):
-  """BTD 16 -> 8 -> 4: a student artefact and grid per phase; at the phase change the evaluation EMA
-  became the teacher; BTD keeps no self-teacher."""
-  config = tiny_config('btd', teacher_checkpoint=tiny_teacher, time_schedule='16,8,4')
-  result = train.train_and_evaluate(config, str(tmp_path))
-  assert result['student_steps'] == 4
-  for k, steps in enumerate((8, 4)):
-    assert os.path.isdir(tmp_path / f'phase_{k}_ema')
-    assert os.path.exists(tmp_path / f'phase{k}_student_{steps}steps.png')
-  with ocp.StandardCheckpointer() as ckptr:
-    last = ckptr.restore(tmp_path / 'checkpoints' / '12' / 'default')
-  assert last['sema_params'] is None or not jax.tree.leaves(last['sema_params'])
-  assert int(last['phase']) == 1
-  leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
-  assert _same(leaves(last['teacher_params']), _tree(tmp_path / 'phase_0_ema'))
-  assert _same(leaves(last['ema_params']), _tree(tmp_path / 'phase_1_ema'))
-  # The first phase's teacher was the checkpoint's: phase 0's student moved away from it.
-  assert not _same(_tree(tmp_path / 'phase_0_ema'),
-                   _tree(os.path.join(tiny_teacher, 'ema_params')))
 
 
 def test_class_conditional_tract_job(tmp_path):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from tiny import tiny_edm_config, tiny_edm_job_config
 from tract_jax import checkpoints, config_checks, edm, losses, phases, state, steps, train
 from tract_jax.errors import ConfigError
 from tract_jax.models import factory
@@ -401,12 +401,7 @@ def test_step_replaces_non_finite_gradients_instead_of_skipping():
 
 
 # ---- config checks -----------------------------------------------------------------------------------
-def _edm_config(**overrides):
-  """tiny_config's model and data with the EDM method's fields (T = 8, one phase 8,1)."""
-  fields = {'parametrisation': 'edm', 'teacher_steps': 8, 'time_schedule': '8,1',
-            'loss_reduction': 'mean', 'optimizer.grad_clip': 0.0, 'optimizer.learning_rate': 1e-3,
-            'train_samples': 6 * 8}
-  return tiny_config('tract_edm', **{**fields, **overrides})
+_edm_config = tiny_edm_config
 
 
 @pytest.mark.parametrize('field,value,match', [
@@ -442,9 +437,7 @@ def test_plan_supports_what_phases_express():
 def test_end_to_end_edm_teacher_then_tract_edm(tmp_path):
   """The driver trains an EDM teacher, distils it 8 -> 2 -> 1 (Heun in phase 0, the distilled
   teacher's own steps in phase 1: one compiled step), evaluates with the EDM sampler, resumes."""
-  config = _edm_config(time_schedule='8,2,1', train_samples=2 * 3 * 8)
-  config.model.ch_mult = (1,)   # one level: half the compile time of tiny_config's UNet
-  config.optimizer.warmup_samples = 16
+  config = tiny_edm_job_config()
   result = train.train_and_evaluate(config, str(tmp_path))
   for name in ('teacher_8steps.png', 'phase0_student_2steps.png', 'phase1_student_1steps.png',
                'teacher_1steps.png', 'result.json'):

@@ -15,14 +15,11 @@ def random_stats(rng, n, d, shift=0.0):
 
 
 def reference_frechet(mu1, s1, mu2, s2):
-  """Float64 SciPy reference through the symmetric form tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)),
-  A = S1^(1/2) (symmetric PSD square roots from eigh; no sqrtm of a non-symmetric product)."""
-  w, v = scipy.linalg.eigh(s1)
-  a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-  inner = scipy.linalg.eigvalsh(a @ s2 @ a)
-  tr_covmean = np.sum(np.sqrt(np.clip(inner, 0, None)))
+  """The paper code's (pytorch-fid's) float64 route: scipy.linalg.sqrtm of the non-symmetric product,
+  its round-off imaginary part dropped."""
+  covmean = scipy.linalg.sqrtm(s1 @ s2).real
   diff = mu1 - mu2
-  return diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
+  return diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
 
 
 @pytest.mark.parametrize('d', [1, 16, 64])
@@ -35,21 +32,33 @@ def test_frechet_distance_matches_scipy_reference(d):
                            np.atleast_2d(s2))
   assert isinstance(got, float)
   np.testing.assert_allclose(got, want, rtol=1e-6)
+  # The reference covariance's root given (the evaluator keeps it for the run): the same distance.
+  root = fid.psd_sqrt(np.atleast_2d(s2))
+  np.testing.assert_allclose(root @ root, np.atleast_2d(s2), atol=1e-10 * np.abs(s2).max())
+  assert fid.frechet_distance(mu1, s1, mu2, s2, root) == pytest.approx(got, rel=1e-12)
 
 
-def test_frechet_distance_identical_and_singular():
+def test_frechet_distance_identical_singular_and_bad_statistics():
   rng = np.random.default_rng(0)
   mu, sigma = random_stats(rng, 200, 32)
   assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
-  # Fewer samples than dimensions: both covariances singular; the eps ridge keeps it finite.
+  # Fewer samples than dimensions: both covariances singular. No ridge needed; sqrtm with the spec's
+  # 1e-6 ridge on both diagonals differs by O(sqrt(1e-6)) per singular direction (here 1.5e-5).
   mu1, s1 = random_stats(rng, 10, 32)
   mu2, s2 = random_stats(rng, 10, 32)
   got = fid.frechet_distance(mu1, s1, mu2, s2)
   ridge = 1e-6 * np.eye(32)
-  assert np.isfinite(got)
-  np.testing.assert_allclose(got, reference_frechet(mu1, s1 + ridge, mu2, s2 + ridge), rtol=1e-4)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # sqrtm's "Matrix is singular" for the unridged product
+    np.testing.assert_allclose(got, reference_frechet(mu1, s1 + ridge, mu2, s2 + ridge), rtol=1e-4)
   with pytest.raises(ValueError, match='shape'):
     fid.frechet_distance(mu1, s1, mu2[:5], s2[:5, :5])
+  with pytest.raises(ValueError, match='sigma2 is not positive semi-definite'):
+    fid.frechet_distance(mu1, s1 + np.eye(32), mu2, s2 - np.eye(32))
+  with pytest.raises(ValueError, match='sigma1 is not positive semi-definite'):
+    fid.frechet_distance(mu1, -s1 - np.eye(32), mu2, s2)
+  with pytest.raises(ValueError, match='not finite'):
+    fid.frechet_distance(mu1 * np.nan, s1, mu2, s2)
 
 
 def test_activation_stats_over_batches_equal_np_cov():

@@ -1,32 +1,9 @@
-"""Sharded steps on 8 simulated CPU devices equal the 1-device steps, and state checkpoints restore
-across meshes (slow tier: the session's 8-device subprocess, conftest `pod_run`); the mesh and FSDP
-rules themselves (default tier)."""
+"""The mesh and FSDP rules (the sharded jobs on 8 simulated devices against the same jobs on this
+process's devices, and restores across meshes: the slow tier's test_multidevice.py)."""
 import pytest
 
 from tract_jax import parallel
 from tract_jax.errors import ConfigError
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('method,mesh', [('teacher', 'fsdp2x4'), ('tract', 'dp8'),
-                                         ('tract', 'fsdp2x4'), ('btd', 'fsdp2x4')])
-def test_sharded_step_equals_single_device(pod_run, method, mesh):
-  _, results, _ = pod_run
-  assert results['num_devices'] == 8
-  r = results['sharding'][f'{method}/{mesh}']
-  assert abs(r['loss'] - r['loss_ref']) <= 1e-5 * max(1.0, abs(r['loss_ref']))
-  assert r['max_param_diff'] < 1e-5
-  if mesh == 'fsdp2x4':
-    assert r['sharded_leaves'] > 0  # the FSDP rule really sharded parameters
-  else:
-    assert r['sharded_leaves'] == 0
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('direction', ['fsdp2x4->1dev', '1dev->fsdp2x4'])
-def test_checkpoint_cross_restore(pod_run, direction):
-  r = pod_run[1]['sharding'][f'restore/{direction}']
-  assert r['equal'] and r['target_shardings']
 
 
 def _fake_mesh(n):

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from conftest import tiny_config
+from tiny import tiny_edm_job_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'benchmarks'))
@@ -21,8 +22,7 @@ def _tiny(method, **overrides):
 
 
 def test_edm_methods_are_timed():
-  config = _tiny('tract_edm', parametrisation='edm', teacher_steps=8, time_schedule='8,2,1',
-                 loss_reduction='mean')
+  config = tiny_edm_job_config()  # the slow tier's end-to-end EDM run: its steps' programs
   assert throughput.default_what(config) == ['teacher', 'tract_edm', 'sample']
   result = throughput.run_benchmarks(config, 8, 1, sample_steps=[1, 2], peak_size=64,
                                      log=lambda *a: None)
@@ -38,6 +38,7 @@ def test_edm_methods_are_timed():
 
 def test_compile_only_with_remat_and_one_line_errors():
   config = _tiny('btd', time_schedule='')
+  config.model.ch_mult = (1,)  # one level: half the compile time (the plumbing is what is tested)
   result = throughput.run_benchmarks(config, 8, 1, what=['tract'], compile_only=True,
                                      remat='blocks', log=lambda *a: None)
   (row,) = result['benchmarks']

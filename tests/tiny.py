@@ -56,3 +56,22 @@ def tiny_job_config():
 
 TINY_JOB_TOTAL = 12  # distillation steps of the tiny job
 TINY_JOB_TEACHER_STEPS = 6
+
+
+def tiny_edm_config(**overrides):
+  """The tiny model's EDM job: method tract_edm, T = 8, one phase 8 -> 1 of 6 steps of batch 8
+  (`overrides` as tiny_config's)."""
+  fields = {'parametrisation': 'edm', 'teacher_steps': 8, 'time_schedule': '8,1',
+            'loss_reduction': 'mean', 'optimizer.grad_clip': 0.0, 'optimizer.learning_rate': 1e-3,
+            'train_samples': 6 * 8}
+  return tiny_config('tract_edm', **{**fields, **overrides})
+
+
+def tiny_edm_job_config():
+  """The EDM teacher's training and TRACT-EDM 8 -> 2 -> 1 (three steps a phase) on a one-level
+  UNet (half the compile time of tiny_config's): the slow tier's end-to-end EDM run, and the
+  programs the EDM benchmark test times (the same compiled steps)."""
+  config = tiny_edm_config(time_schedule='8,2,1', train_samples=2 * 3 * 8)
+  config.model.ch_mult = (1,)
+  config.optimizer.warmup_samples = 16
+  return config
