@@ -50,6 +50,7 @@ class Evaluator:
     self._digits = None
     self._inception = None
     self._reference_stats = None
+    self._reference_root = None
 
   def _save_grid(self, name: str, images) -> None:
     """workdir/name: a PNG grid of samples of the fixed noise (labelled when class-conditional)."""
@@ -108,6 +109,9 @@ class Evaluator:
       self._reference_stats = stats_files.read_stats(self.reference_stats)
       stats_files.check_stats_convention(self._reference_stats.meta, self.fid_resize,
                                          self.reference_stats)
+      # The reference covariance's square root, once for every evaluation of the run.
+      self._reference_root = (fid.psd_sqrt(self._reference_stats.sigma, 'the reference covariance')
+                              if 'fid' in self.metrics else None)
     stats = fid.ActivationStats()
     kept, kept_index = [], []  # this process's first generated features (and sample numbers) for KID
     keep = -(-KID_FEATURES // jax.process_count()) if 'kid' in self.metrics else 0
@@ -137,8 +141,8 @@ class Evaluator:
     reference = self._reference_stats
     out = {}
     if 'fid' in self.metrics:
-      out[f'fid{self.fid_samples // 1000}k'] = fid.frechet_distance(mu, sigma, reference.mu,
-                                                                     reference.sigma)
+      out[f'fid{self.fid_samples // 1000}k'] = fid.frechet_distance(
+          mu, sigma, reference.mu, reference.sigma, self._reference_root)
     if keep:
       generated = np.asarray(kept, np.float32).reshape(-1, stats.dim)
       order = np.asarray(kept_index, np.int32)
