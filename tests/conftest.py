@@ -17,8 +17,9 @@ os.environ['JAX_COMPILATION_CACHE_DIR'] = CACHE
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 # The tests run few steps of tiny programs, so compiling dominates: LLVM's -O0 halves XLA:CPU compile
-# times (measured on the tiny TRACT step: 16.0 s -> 9.2 s, at 22.5 -> 37.2 ms per call) and gives the
-# same printed results of the tiny job. Checks of speed live in benchmarks/, which do not get this.
+# times (measured on the then two-level tiny TRACT step: 16.0 s -> 9.2 s, at 22.5 -> 37.2 ms per call)
+# and gives the same printed results of the tiny job. Checks of speed live in benchmarks/, which do
+# not get this.
 # TRACT_TEST_XLA_OPTIMIZE=1 runs the tests with XLA's default optimisation instead.
 if os.environ.get('TRACT_TEST_XLA_OPTIMIZE') != '1' and '--xla_backend_optimization_level' not in (
     os.environ.get('XLA_FLAGS', '')):

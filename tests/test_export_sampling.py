@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
+from tiny import tiny_edm_job_config
 from tract_jax import checkpoints, export, seeds, train
 from tract_jax.models import factory
 
@@ -72,8 +73,7 @@ def test_exported_student_samples_like_mode_sample(tmp_path, parametrisation):
   if parametrisation == 'ddim':
     config = tiny_config('tract', time_schedule='16,4,1')      # phase 0: a 4-step student
   else:
-    config = tiny_config('tract_edm', parametrisation='edm', teacher_steps=8,
-                         time_schedule='8,2,1', loss_reduction='mean')  # phase 0: 2 steps
+    config = tiny_edm_job_config()  # 8,2,1 (phase 0: 2 steps): the end-to-end EDM run's sampler
   run = str(tmp_path / 'run')
   _perturbed_student(config, run)
   config.mode, config.eval.params = 'sample', run

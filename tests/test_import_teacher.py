@@ -25,7 +25,7 @@ SMALL_OVERRIDES = ('--config.model.ch=16', '--config.model.emb_ch=32', '--config
 
 
 def small_config(conditional=False):
-  config = tiny_config(**{'model.attn_resolutions': (4,)})
+  config = tiny_config(**{'model.ch_mult': (1, 2), 'model.attn_resolutions': (4,)})
   if conditional:
     config.model.num_classes = 10
     config.model.mean_type = 'both'

@@ -283,3 +283,21 @@ def test_workdir_of_an_older_version_without_new_fields_is_not_refused(tmp_path)
   config.seed = 7
   with pytest.raises(ConfigError, match='seed: 0 -> 7'):
     workdirs.protect(config, str(tmp_path))
+
+
+def test_saves_leave_the_preemption_sync_counter_to_the_step_loop(tmp_path, monkeypatch):
+  """JAX's preemption sync manager keeps one counter: the last number it was asked about. Orbax's
+  CheckpointManager.save asks it with the step number, the step loop with its own call count; mixed,
+  a SIGTERM handled during a save agreed on a number the loop never reached again and a 2-process
+  job ran on to its end. Saves and restores must not ask it at all."""
+  from jax.experimental import multihost_utils
+  asked = []
+  monkeypatch.setattr(multihost_utils, 'reached_preemption_sync_point',
+                      lambda step: asked.append(step) or False)
+  tree = {'w': np.arange(6, dtype=np.float32), 'step': np.asarray(3, np.int32)}
+  with checkpoints.StateCheckpoints(str(tmp_path)) as ckpts:
+    ckpts.save(3, tree, wait=True)
+    ckpts.save(4, tree, wait=True)
+    restored = ckpts.restore(tree)
+  assert np.array_equal(restored['w'], tree['w'])
+  assert asked == []

@@ -38,7 +38,6 @@ def test_edm_methods_are_timed():
 
 def test_compile_only_with_remat_and_one_line_errors():
   config = _tiny('btd', time_schedule='')
-  config.model.ch_mult = (1,)  # one level: half the compile time (the plumbing is what is tested)
   result = throughput.run_benchmarks(config, 8, 1, what=['tract'], compile_only=True,
                                      remat='blocks', log=lambda *a: None)
   (row,) = result['benchmarks']
