@@ -35,7 +35,9 @@ def small_state():
 
 
 def _truncate_largest_file(directory):
-  files = [p for p in glob.glob(os.path.join(directory, '**', '*'), recursive=True)
+  """Truncates the largest array-data file (OCDBT's d/ folders) of a checkpoint step to a third: a
+  read past its end (OUT_OF_RANGE). Not the _METADATA JSON, which can be about as large."""
+  files = [p for p in glob.glob(os.path.join(directory, '**', 'd', '*'), recursive=True)
            if os.path.isfile(p)]
   target = max(files, key=os.path.getsize)
   with open(target, 'r+b') as f:
