@@ -2,6 +2,7 @@
 they start (so a program is compiled once per cache, whichever process needs it first), the tiny
 model (tests/tiny.py) and the session's reference run of the tiny job through the command line,
 whose teacher every other test distils from."""
+import glob
 import os
 import subprocess
 import sys
@@ -88,6 +89,16 @@ def tiny_job_final_state(workdir):
   student = checkpoints.read_host_arrays(f'{workdir}/phase_1_ema')
   return ([np.asarray(x) for x in jax.tree.leaves(state)]
           + [np.asarray(x) for x in jax.tree.leaves(student)])
+
+
+def truncate_largest_data_file(directory):
+  """Truncates the largest array-data file (OCDBT's d/ folders) of a checkpoint step to a third: a
+  read past its end (OUT_OF_RANGE). Not the _METADATA JSON, which can be about as large."""
+  files = [p for p in glob.glob(os.path.join(directory, '**', 'd', '*'), recursive=True)
+           if os.path.isfile(p)]
+  target = max(files, key=os.path.getsize)
+  with open(target, 'r+b') as f:
+    f.truncate(os.path.getsize(target) // 3)
 
 
 DIGITS_FID_OVERRIDE = "--config.eval.metrics=('agreement','digits_fid')"

@@ -2,7 +2,6 @@
 saved afresh, an I/O error is retried and never taken for corruption, a params checkpoint loads
 whatever topology wrote it, and the statistics file is written whole or not at all."""
 import errno
-import glob
 import json
 import os
 import shutil
@@ -15,7 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, run_tiny_job, tiny_config, tiny_job_final_state
+from conftest import (ROOT, run_tiny_job, tiny_config, tiny_job_final_state,
+                      truncate_largest_data_file)
 from tract_jax import checkpoints, state as state_lib
 from tract_jax.errors import CheckpointError
 from tract_jax.evaluation import stats_files
@@ -32,16 +32,6 @@ def small_state():
   model = factory.build_model(tiny_config().model)
   params = factory.init_params(model, (8, 8, 1), 0)
   return state_lib.create_state(params, state_lib.make_optimizer(1e-3), 0, _mesh())[0]
-
-
-def _truncate_largest_file(directory):
-  """Truncates the largest array-data file (OCDBT's d/ folders) of a checkpoint step to a third: a
-  read past its end (OUT_OF_RANGE). Not the _METADATA JSON, which can be about as large."""
-  files = [p for p in glob.glob(os.path.join(directory, '**', 'd', '*'), recursive=True)
-           if os.path.isfile(p)]
-  target = max(files, key=os.path.getsize)
-  with open(target, 'r+b') as f:
-    f.truncate(os.path.getsize(target) // 3)
 
 
 def _leaves(tree):
@@ -62,7 +52,7 @@ def test_unreadable_newest_step_is_set_aside_then_saved_afresh(tmp_path, small_s
   directory = str(tmp_path / 'checkpoints')
   states = {s: small_state.replace(step=small_state.step + s) for s in (2, 4)}
   _save(directory, states)
-  _truncate_largest_file(os.path.join(directory, '4'))
+  truncate_largest_data_file(os.path.join(directory, '4'))
 
   with checkpoints.StateCheckpoints(directory) as ckpts:
     restored = ckpts.restore_or_keep(small_state)
@@ -84,7 +74,7 @@ def test_unreadable_newest_step_is_set_aside_then_saved_afresh(tmp_path, small_s
   assert _same(_leaves(again), _leaves(states[4]))
 
   # The same step unreadable a second time: set aside next to the first copy.
-  _truncate_largest_file(os.path.join(directory, '4'))
+  truncate_largest_data_file(os.path.join(directory, '4'))
   with checkpoints.StateCheckpoints(directory) as ckpts:
     assert int(ckpts.restore_or_keep(small_state).step) == 2
   assert sorted(os.listdir(os.path.join(directory, 'corrupt'))) == ['4', '4.1']
@@ -94,7 +84,7 @@ def test_every_step_unreadable_moves_nothing(tmp_path, small_state):
   directory = str(tmp_path / 'checkpoints')
   _save(directory, {s: small_state for s in (2, 4)})
   for step in ('2', '4'):
-    _truncate_largest_file(os.path.join(directory, step))
+    truncate_largest_data_file(os.path.join(directory, step))
   with checkpoints.StateCheckpoints(directory) as ckpts:
     with pytest.raises(CheckpointError, match='none can be restored'):
       ckpts.restore_or_keep(small_state)
@@ -230,7 +220,7 @@ def test_corrupt_newest_checkpoint_is_replaced_through_the_command_line(tmp_path
   shutil.copytree(tiny_job_run.workdir, workdir)
   uninterrupted = tiny_job_run.final_state()
   newest = os.path.join(workdir, 'checkpoints', '12')
-  _truncate_largest_file(newest)
+  truncate_largest_data_file(newest)
 
   code, out = run_tiny_job(workdir)
   assert code == 0, out[-3000:]

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import (run_tiny_job, sigterm_mid_phase, start_tiny_job, tiny_config,
-                      tiny_job_final_state)
+                      tiny_job_final_state, truncate_largest_data_file)
 from tract_jax import checkpoints, state as state_lib, steps, train
 from tract_jax.errors import ConfigError, NonFiniteError, Preempted
 from tract_jax.models import factory
@@ -95,13 +95,6 @@ def _small_state():
   return state_lib.create_state(params, tx, 0, mesh)[0]
 
 
-def _truncate_largest_file(directory):
-  files = [p for p in glob.glob(os.path.join(directory, '**', '*'), recursive=True) if os.path.isfile(p)]
-  target = max(files, key=os.path.getsize)
-  with open(target, 'r+b') as f:
-    f.truncate(os.path.getsize(target) // 3)
-
-
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
   state = _small_state()
   directory = str(tmp_path / 'checkpoints')
@@ -110,14 +103,14 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
       ckpts.save(step, state.replace(step=state.step + step), wait=True)
   # A half-written save (interrupted before Orbax's rename) is not a checkpoint at all.
   os.makedirs(os.path.join(directory, '6.orbax-checkpoint-tmp-1234', 'default'))
-  _truncate_largest_file(os.path.join(directory, '4'))
+  truncate_largest_data_file(os.path.join(directory, '4'))
   with checkpoints.StateCheckpoints(directory) as ckpts:
     restored = ckpts.restore_or_keep(state)
   out = capsys.readouterr().out
   assert int(restored.step) == 2
   assert 'checkpoint step 4' in out and 'resuming from step 2 instead' in out
   # Every checkpoint unreadable: an error, never a silent fresh start.
-  _truncate_largest_file(os.path.join(directory, '2'))
+  truncate_largest_data_file(os.path.join(directory, '2'))
   with checkpoints.StateCheckpoints(directory) as ckpts:
     with pytest.raises(checkpoints.CheckpointError, match='none can be restored'):
       ckpts.restore_or_keep(state)
